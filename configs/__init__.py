@@ -1,0 +1,1 @@
+"""Run configurations (`get_config(arg)` per file)."""

@@ -1,0 +1,102 @@
+"""Shared building blocks: parameters with logical axes, norms, dense layers, attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+
+def param(rngs: nnx.Rngs, init, shape, axes: tuple[str | None, ...], dtype: Dtype) -> nnx.Param:
+  """A parameter carrying its logical axis names (mapped to mesh axes by `rrvf_jax.sharding`)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {shape}")
+  return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+_normal = jax.nn.initializers.normal(0.02)
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+class Dense(nnx.Module):
+  """y = x @ W (+ b), with W of shape `in_shape + out_shape` contracted over `in_shape`."""
+
+  def __init__(
+    self,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    use_bias: bool,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+  ):
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+    self.kernel = param(rngs, _normal, (*in_shape, *out_shape), axes, param_dtype)
+    self.bias = param(rngs, _zeros, out_shape, axes[self.n_in :], param_dtype) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """HF-order RMSNorm: float32 statistics, cast back to the input dtype, then scale."""
+
+  def __init__(self, dim: int, axis: str, *, eps: float, param_dtype: Dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, _ones, (dim,), (axis,), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with a two-pass variance (as torch), statistics in float32."""
+
+  def __init__(self, dim: int, axis: str, *, eps: float, param_dtype: Dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, _ones, (dim,), (axis,), param_dtype)
+    self.bias = param(rngs, _zeros, (dim,), (axis,), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float
+) -> jax.Array:
+  """Grouped-query softmax attention.
+
+  Args:
+    q: `[..., T, N, H]` queries; N must be a multiple of the K key/value heads.
+    k: `[..., S, K, H]` keys.
+    v: `[..., S, K, H]` values.
+    mask: boolean, broadcastable to `[..., T, S]`; True where a query may attend.
+    scale: multiplier of the scores.
+
+  Returns:
+    `[..., T, N, H]`. Query head n uses key/value head n // (N/K) (HF's repeat-interleave).
+  """
+  *lead, t, n, h = q.shape
+  kv = k.shape[-2]
+  q = q.reshape(*lead, t, kv, n // kv, h)
+  scores = jnp.einsum("...tkrh,...skh->...krts", q, k) * jnp.asarray(scale, q.dtype)
+  big_neg = jnp.finfo(scores.dtype).min  # Finite, so fully masked (padding) rows give no NaN.
+  scores = jnp.where(mask[..., None, None, :, :], scores, big_neg)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  out = jnp.einsum("...krts,...skh->...tkrh", probs, v)
+  return out.reshape(*lead, t, n, h)

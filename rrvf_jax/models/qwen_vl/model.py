@@ -1,0 +1,174 @@
+"""The Qwen-VL policy: vision tower + M-RoPE decoder + LM head, with HF-equal inputs and logits.
+
+`model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...)` is the convenience
+entry (host-side index preparation, then a jitted forward). Jitted callers use
+`prepare_inputs(...)` on the host and `model.forward(inputs)` inside their own jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rrvf_jax.models.qwen_vl import rope
+from rrvf_jax.models.qwen_vl.config import ModelConfig
+from rrvf_jax.models.qwen_vl.layers import param
+from rrvf_jax.models.qwen_vl.text import TextModel
+from rrvf_jax.models.qwen_vl.vision import VisionTower
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+  """Everything the jitted forward needs; built on the host by `prepare_inputs`.
+
+  Attributes:
+    input_ids: `[B, L]` int32.
+    attention_mask: `[B, L]` int32, 1 for real tokens.
+    positions: `[3, B, L]` int32 M-RoPE positions.
+    pixel_values: `[P, C*T*p*p]` float or None.
+    vision_index: index arrays of the vision tower or None.
+  """
+
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  positions: jax.Array
+  pixel_values: jax.Array | None = None
+  vision_index: rope.VisionIndex | None = None
+
+
+def prepare_inputs(
+  cfg: ModelConfig,
+  input_ids,
+  attention_mask=None,
+  pixel_values=None,
+  image_grid_thw=None,
+) -> ModelInputs:
+  """Validates HF-style inputs and computes positions and vision indices (host NumPy)."""
+  input_ids = np.asarray(input_ids, np.int32)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+  mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+  if mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+  n_image_tokens = int(((input_ids == cfg.image_token_id) & (mask != 0)).sum())
+  if (pixel_values is None) != (image_grid_thw is None):
+    raise ValueError("pixel_values and image_grid_thw must be given together")
+  index = None
+  if image_grid_thw is not None:
+    grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    _check_image_inputs(cfg, grid, np.shape(pixel_values), n_image_tokens)
+    index = rope.make_vision_index(grid, cfg.vision)
+  elif n_image_tokens:
+    raise ValueError(f"input_ids has {n_image_tokens} image tokens but no pixel_values were given")
+  positions, _ = rope.get_rope_index(
+    input_ids,
+    image_grid_thw,
+    mask,
+    image_token_id=cfg.image_token_id,
+    spatial_merge_size=cfg.vision.spatial_merge_size,
+  )
+  pixels = None if pixel_values is None else np.asarray(pixel_values)
+  return ModelInputs(input_ids, mask, positions, pixels, index)
+
+
+def _check_image_inputs(cfg: ModelConfig, grid: np.ndarray, pixel_shape, n_image_tokens: int):
+  """Raises ValueError when pixel_values, image_grid_thw and the image tokens disagree."""
+  v = cfg.vision
+  m = v.spatial_merge_size
+  if np.any(grid <= 0) or np.any(grid[:, 1:] % m):
+    raise ValueError(
+      f"image_grid_thw rows must be positive with h, w divisible by {m}: {grid.tolist()}"
+    )
+  n_patches = int(np.prod(grid, axis=1).sum())
+  if tuple(pixel_shape) != (n_patches, v.patch_dim):
+    raise ValueError(
+      f"pixel_values shape {tuple(pixel_shape)} does not match image_grid_thw "
+      f"(expected ({n_patches}, {v.patch_dim}))"
+    )
+  if n_image_tokens != n_patches // v.merge_unit:
+    raise ValueError(
+      f"image token count mismatch: input_ids has {n_image_tokens} <|image_pad|> tokens but "
+      f"image_grid_thw {grid.tolist()} gives {n_patches // v.merge_unit} image features"
+    )
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+  """Boolean `[B, L, L]`: query i sees key j when j <= i and j is a real token."""
+  length = attention_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  return causal[None] & (attention_mask[:, None, :] != 0)
+
+
+def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_id):
+  """Puts image feature k on the k-th image token in row-major order (HF `masked_scatter`)."""
+  is_image = input_ids == image_id
+  order = jnp.cumsum(is_image.reshape(-1)) - 1
+  gathered = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(embeds.shape)
+  return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class QwenVL(nnx.Module):
+  """Qwen2.5-VL / Qwen2-VL for conditional generation."""
+
+  def __init__(
+    self,
+    config: ModelConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.config = config
+    self.dtype = dtype
+    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.text = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    t = config.text
+    self.lm_head = (
+      None
+      if t.tie_word_embeddings
+      else param(
+        rngs,
+        jax.nn.initializers.normal(0.02),
+        (t.hidden_size, t.vocab_size),
+        ("embed", "vocab"),
+        param_dtype,
+      )
+    )
+
+  def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None):
+    """Logits `[B, L, V]` for HF-style inputs (not for use under an outer jit)."""
+    inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+    return _jit_forward(self, inputs)
+
+  def embed(self, inputs: ModelInputs) -> jax.Array:
+    """Token embeddings `[B, L, E]` with image features merged in."""
+    embeds = self.text.embed_tokens(inputs.input_ids)
+    if inputs.pixel_values is None:
+      return embeds
+    features = self.visual(inputs.pixel_values.astype(self.dtype), inputs.vision_index)
+    return merge_image_features(embeds, inputs.input_ids, features, self.config.image_token_id)
+
+  def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+    """Final-norm hidden states `[B, L, E]`."""
+    mask = causal_mask(inputs.attention_mask)
+    return self.text(self.embed(inputs), inputs.positions, mask)
+
+  def logits(self, hidden_ble: jax.Array) -> jax.Array:
+    """LM head (tied to the embedding where the config says so)."""
+    if self.lm_head is None:
+      return jnp.einsum("ble,ve->blv", hidden_ble, self.text.embed[...].astype(hidden_ble.dtype))
+    return jnp.einsum("ble,ev->blv", hidden_ble, self.lm_head[...].astype(hidden_ble.dtype))
+
+  def forward(self, inputs: ModelInputs) -> jax.Array:
+    """Pure forward pass: logits `[B, L, V]`."""
+    return self.logits(self.hidden_states(inputs))
+
+
+@nnx.jit
+def _jit_forward(model: QwenVL, inputs: ModelInputs) -> jax.Array:
+  return model.forward(inputs)

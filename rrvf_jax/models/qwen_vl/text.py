@@ -1,0 +1,99 @@
+"""Qwen2 decoder with M-RoPE (the language model of Qwen2-VL and Qwen2.5-VL).
+
+Shapes: B batch, L length, S key length, E width, N query heads, K kv heads, H head dim,
+F MLP width.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from rrvf_jax.models.qwen_vl import rope
+from rrvf_jax.models.qwen_vl.config import TextConfig
+from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, attention, param
+
+
+class Attention(nnx.Module):
+  """GQA self-attention; q/k/v with bias, o without."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+    self.q = Dense((e,), (n, h), ("embed", "q_heads", "head_dim"), use_bias=True, **kw)
+    self.k = Dense((e,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+    self.v = Dense((e,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+    self.o = Dense((n, h), (e,), ("q_heads", "head_dim", "embed"), use_bias=False, **kw)
+    self.scale = h**-0.5
+
+  def __call__(self, x_ble, cos, sin, mask_bls):
+    # HF casts cos/sin to the activation dtype and rotates in that dtype.
+    cos, sin = cos.astype(x_ble.dtype), sin.astype(x_ble.dtype)
+    q = rope.apply_rope(self.q(x_ble), cos, sin)
+    k = rope.apply_rope(self.k(x_ble), cos, sin)
+    out = attention(q, k, self.v(x_ble), mask_bls, scale=self.scale)
+    return self.o(out)
+
+
+class MLP(nnx.Module):
+  """SwiGLU without biases."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    kw = {"use_bias": False, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+    self.gate = Dense((e,), (f,), ("embed", "mlp"), **kw)
+    self.up = Dense((e,), (f,), ("embed", "mlp"), **kw)
+    self.down = Dense((f,), (e,), ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm decoder block."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = {"eps": cfg.rms_norm_eps, "param_dtype": param_dtype, "rngs": rngs}
+    self.input_norm = RMSNorm(cfg.hidden_size, "embed", **kw)
+    self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, "embed", **kw)
+    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask):
+    x = x + self.attn(self.input_norm(x), cos, sin, mask)
+    return x + self.mlp(self.post_attn_norm(x))
+
+
+class TextModel(nnx.Module):
+  """Token embedding, decoder layers and final norm; `lm_head` lives in the full model."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.embed = param(
+      rngs, jax.nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
+      ("vocab", "embed"), param_dtype,
+    )  # fmt: skip
+    self.layers = nnx.List(
+      [
+        DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for _ in range(cfg.num_layers)
+      ]
+    )
+    self.norm = RMSNorm(
+      cfg.hidden_size, "embed", eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs
+    )
+
+  def embed_tokens(self, input_ids):
+    return self.embed[...][input_ids].astype(self.dtype)
+
+  def __call__(self, x_ble, positions_3bl, mask_bls):
+    """Runs the decoder on embeddings; `mask_bls` is the full boolean attention mask."""
+    cfg = self.cfg
+    with jax.named_scope("decoder"):
+      cos, sin = rope.mrope_cos_sin(
+        positions_3bl, head_dim=cfg.head_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
+      )
+      for layer in self.layers:
+        x_ble = layer(x_ble, cos, sin, mask_bls)
+      return self.norm(x_ble)

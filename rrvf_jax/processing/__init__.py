@@ -1,0 +1,55 @@
+"""Host-side Qwen-VL processing: images, special tokens, chat format with loss masks."""
+
+from rrvf_jax.processing.chat import (
+  DEFAULT_SYSTEM_PROMPT,
+  QWEN2_VL_CHAT_TEMPLATE,
+  EncodedConversation,
+  Turn,
+  append_turn_ids,
+  build_prompt_ids,
+  concatenate,
+  decode,
+  encode_assistant_reply,
+  encode_conversation,
+  format_tool_call,
+  format_tools_system_prompt,
+  render_conversation,
+)
+from rrvf_jax.processing.image import (
+  ImageProcessorConfig,
+  ProcessedImages,
+  image_grid_thw,
+  load_image,
+  num_image_tokens,
+  preprocess_image,
+  preprocess_images,
+  smart_resize,
+)
+from rrvf_jax.processing.tokens import SpecialTokenIds, load_tokenizer, special_token_ids
+
+__all__ = [
+  "DEFAULT_SYSTEM_PROMPT",
+  "QWEN2_VL_CHAT_TEMPLATE",
+  "EncodedConversation",
+  "ImageProcessorConfig",
+  "ProcessedImages",
+  "SpecialTokenIds",
+  "Turn",
+  "append_turn_ids",
+  "build_prompt_ids",
+  "concatenate",
+  "decode",
+  "encode_assistant_reply",
+  "encode_conversation",
+  "format_tool_call",
+  "format_tools_system_prompt",
+  "image_grid_thw",
+  "load_image",
+  "load_tokenizer",
+  "num_image_tokens",
+  "preprocess_image",
+  "preprocess_images",
+  "render_conversation",
+  "smart_resize",
+  "special_token_ids",
+]
