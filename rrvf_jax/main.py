@@ -1,23 +1,39 @@
 """Entry point: `python -m rrvf_jax.main --config=configs/chart.py[:demo] --workdir=DIR`."""
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Run config file (with :preset).", lock_config=True
+  "config", None, "Run config file, with an optional :preset.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _one_line(error: BaseException) -> str:
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  return " ".join(str(text).split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a config typo or bad override is one clear line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"rrvf_jax.main: error: {_one_line(e)}\nPass --help for the flags.")
+  except (KeyError, AttributeError, TypeError, ValueError) as e:  # Raised by config overrides.
+    sys.exit(f"rrvf_jax.main: config error: {_one_line(e)}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
+  import jax  # noqa: PLC0415 - after flag parsing, so --help stays fast.
 
-  from rrvf_jax import pipeline
+  from rrvf_jax import pipeline  # noqa: PLC0415
 
   logging.info(
     "JAX %s, process %d of %d, devices: %s",
@@ -26,8 +42,12 @@ def main(argv):
     jax.process_count(),
     jax.devices(),
   )
+  try:
+    pipeline.validate_config(_CONFIG.value)
+  except ValueError as e:
+    sys.exit(f"rrvf_jax.main: config error: {_one_line(e)}")
   pipeline.run(_CONFIG.value, os.path.abspath(_WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

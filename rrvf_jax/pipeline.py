@@ -32,13 +32,31 @@ INSTRUCTION = (
 )
 
 
-def load_policy(config: ml_collections.ConfigDict, workdir: str):
-  """The policy model and its tokenizer, from a local checkpoint or a preset (random weights)."""
-  dtype = _DTYPES.get(config.model.dtype)
-  if dtype is None:
-    raise ValueError(
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks values the pipeline depends on before any work starts."""
+  if config.model.dtype not in _DTYPES:
+    raise ConfigError(
       f"config.model.dtype must be one of {sorted(_DTYPES)}, got {config.model.dtype!r}"
     )
+  ckpt = config.model.checkpoint_dir
+  if ckpt and not os.path.isfile(os.path.join(ckpt, "config.json")):
+    raise ConfigError(f"config.model.checkpoint_dir {ckpt!r} is not an HF checkpoint directory")
+  if not ckpt:
+    qwen_vl.get_preset(config.model.preset)  # Raises a ValueError listing the presets.
+  for key in ("width", "height"):
+    if config.image[key] <= 0:
+      raise ConfigError(f"config.image.{key} must be positive, got {config.image[key]}")
+  if config.policy_check.max_new_tokens < 0:
+    raise ConfigError("config.policy_check.max_new_tokens must be >= 0")
+
+
+def load_policy(config: ml_collections.ConfigDict, workdir: str):
+  """The policy model and its tokenizer, from a local checkpoint or a preset (random weights)."""
+  dtype = _DTYPES[config.model.dtype]
   if config.model.checkpoint_dir:
     model = qwen_vl.from_hf(config.model.checkpoint_dir, dtype=dtype)
     tok_dir = config.model.tokenizer_dir or config.model.checkpoint_dir
@@ -157,6 +175,7 @@ def policy_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs every stage the config enables."""
+  validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   if config.policy_check.max_new_tokens > 0:
     report = policy_check(config, workdir)

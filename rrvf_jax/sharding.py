@@ -6,7 +6,9 @@ logical axis is decided here, by a rules table chosen by name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import jax
 from flax import nnx
@@ -19,7 +21,14 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 # FSDP over the embedding dimension, tensor parallelism over heads / MLP / vocab. The vision tower
 # (~0.67B parameters; its 3420-wide MLP does not divide by 8) is sharded only along FSDP.
 FSDP_TP: Rules = (
+  # Activations: batch over data and FSDP, heads and MLP over tensor, the rest replicated.
   ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+  # Parameters.
   ("embed", "fsdp"),
   ("vocab", "tensor"),
   ("q_heads", "tensor"),
@@ -63,6 +72,34 @@ def logical_to_spec(
     used.update(targets)
     spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
   return PartitionSpec(*spec)
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+  "rrvf_jax_sharding_rules", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Within this context, `constrain` pins activations to `rules` on `mesh` (at trace time)."""
+  token = _ACTIVE.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint from logical `axes`; a no-op outside `activation_rules`.
+
+  The rules are read when a function is traced, so trace (first call) inside the context.
+  """
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = logical_to_spec(axes, rules, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def param_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedSharding:

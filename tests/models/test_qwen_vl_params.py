@@ -170,3 +170,16 @@ def test_image_token_count_mismatch_is_named(checkpoint):
     ours(np.delete(ids, 3, axis=1), **kw)
   with pytest.raises(ValueError, match="pixel_values shape"):
     ours(ids, pixel_values=kw["pixel_values"][:-4], image_grid_thw=GRID)
+
+
+def test_forward_with_activation_sharding_equals_one_device(checkpoint):
+  path, _ = checkpoint
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = qwen_vl.from_hf(path, mesh=mesh)
+  rng = np.random.default_rng(7)
+  ids = rng.integers(0, 400, (4, 16))
+  with sharding.activation_rules(mesh, sharding.FSDP_TP):
+    inputs = qwen_vl.prepare_inputs(sharded.config, ids)
+    logits = nnx.jit(lambda m, x: m.forward(x))(sharded, inputs)
+  assert logits.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(qwen_vl.from_hf(path)(ids)), atol=1e-5)

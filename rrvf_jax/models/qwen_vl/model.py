@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rrvf_jax import sharding
 from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.models.qwen_vl.layers import param
@@ -161,8 +162,10 @@ class QwenVL(nnx.Module):
   def logits(self, hidden_ble: jax.Array) -> jax.Array:
     """LM head (tied to the embedding where the config says so)."""
     if self.lm_head is None:
-      return jnp.einsum("ble,ve->blv", hidden_ble, self.text.embed[...].astype(hidden_ble.dtype))
-    return jnp.einsum("ble,ev->blv", hidden_ble, self.lm_head[...].astype(hidden_ble.dtype))
+      logits = jnp.einsum("ble,ve->blv", hidden_ble, self.text.embed[...].astype(hidden_ble.dtype))
+    else:
+      logits = jnp.einsum("ble,ev->blv", hidden_ble, self.lm_head[...].astype(hidden_ble.dtype))
+    return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
   def forward(self, inputs: ModelInputs) -> jax.Array:
     """Pure forward pass: logits `[B, L, V]`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from rrvf_jax import sharding
 from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.models.qwen_vl.config import TextConfig
 from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, attention, param
@@ -31,6 +32,7 @@ class Attention(nnx.Module):
     cos, sin = cos.astype(x_ble.dtype), sin.astype(x_ble.dtype)
     q = rope.apply_rope(self.q(x_ble), cos, sin)
     k = rope.apply_rope(self.k(x_ble), cos, sin)
+    q = sharding.constrain(q, ("batch", "length", "act_heads", None))
     out = attention(q, k, self.v(x_ble), mask_bls, scale=self.scale)
     return self.o(out)
 
@@ -46,7 +48,8 @@ class MLP(nnx.Module):
     self.down = Dense((f,), (e,), ("mlp", "embed"), **kw)
 
   def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+    return self.down(sharding.constrain(hidden, ("batch", "length", "act_mlp")))
 
 
 class DecoderLayer(nnx.Module):
@@ -61,7 +64,8 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, cos, sin, mask):
     x = x + self.attn(self.input_norm(x), cos, sin, mask)
-    return x + self.mlp(self.post_attn_norm(x))
+    x = x + self.mlp(self.post_attn_norm(x))
+    return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
 class TextModel(nnx.Module):
