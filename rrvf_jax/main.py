@@ -31,9 +31,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # noqa: PLC0415 - after flag parsing, so --help stays fast.
+  import jax  # after flag parsing, so --help stays fast.
 
-  from rrvf_jax import pipeline  # noqa: PLC0415
+  from rrvf_jax import pipeline
 
   logging.info(
     "JAX %s, process %d of %d, devices: %s",

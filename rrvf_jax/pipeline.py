@@ -7,7 +7,6 @@ later stages, not implemented yet.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -23,6 +22,8 @@ from flax import nnx
 from rrvf_jax.models import qwen_vl
 from rrvf_jax.models.qwen_vl import model as model_lib
 from rrvf_jax.processing import chat, image, tokens
+from rrvf_jax.testing import checkpoints
+from rrvf_jax.testing import tokenizer as tiny_tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -63,25 +64,13 @@ def load_policy(config: ml_collections.ConfigDict, workdir: str):
     return model, tokens.load_tokenizer(tok_dir)
   tok_dir = config.model.tokenizer_dir or _tiny_tokenizer_dir(workdir)
   tok = tokens.load_tokenizer(tok_dir)
-  ids = tokens.special_token_ids(tok)
-  cfg = qwen_vl.get_preset(config.model.preset)
-  cfg = cfg.replace(
-    text=dataclasses.replace(cfg.text, vocab_size=max(cfg.text.vocab_size, ids.vocab_size)),
-    image_token_id=ids.image_token_id,
-    video_token_id=ids.video_token_id,
-    vision_start_token_id=ids.vision_start_token_id,
-    vision_end_token_id=ids.vision_end_token_id,
-    bos_token_id=ids.endoftext,
-    eos_token_id=ids.im_end,
-  )
+  cfg = checkpoints.config_for_tokenizer(config.model.preset, tok)
   logging.info("No checkpoint_dir: building preset %r with random weights.", config.model.preset)
   model = qwen_vl.QwenVL(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(config.seed))
   return model, tok
 
 
 def _tiny_tokenizer_dir(workdir: str) -> str:
-  from rrvf_jax.testing import tokenizer as tiny_tokenizer
-
   return os.fspath(tiny_tokenizer.make_tiny_tokenizer(os.path.join(workdir, "tiny_tokenizer")))
 
 

@@ -25,7 +25,7 @@ def test_demo_policy_check_runs(tmp_path):
 
 
 def test_unknown_preset_is_named():
-  with pytest.raises(ValueError, match="unknown config preset 'tiny'.*demo"):
+  with pytest.raises(ValueError, match=r"unknown config preset 'tiny'.*demo"):
     chart.get_config("tiny")
   assert web.get_config("demo").task == "web"
 
