@@ -11,6 +11,7 @@ from rrvf_jax.processing.chat import QWEN2_VL_CHAT_TEMPLATE
 from rrvf_jax.testing import tokenizer as tiny
 
 transformers = pytest.importorskip("transformers")
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402  (a module, not the function of the same name)
 
 TEXTS = [
   "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(figsize=(8, 6))\nplt.savefig('a.png')\n",
@@ -39,7 +40,7 @@ def test_added_tokens_follow_the_base_vocabulary_in_qwen_order(tok):
   )
   assert tok.get_vocab_size(with_added_tokens=True) == base + 22
   # All 256 byte symbols are in the base vocabulary, so any text encodes without unknowns.
-  alphabet = transformers.convert_slow_tokenizer.bytes_to_unicode().values()
+  alphabet = bytes_to_unicode().values()
   assert all(tok.token_to_id(c) is not None and tok.token_to_id(c) < base for c in alphabet)
 
 
