@@ -213,3 +213,20 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path):
   # by the checkpoint: loading everything first would peak above sum(sizes) (~23 MB here).
   assert peak < 4 * max(sizes) + (2 << 20), (peak, max(sizes), sum(sizes))
   assert 4 * max(sizes) + (2 << 20) < sum(sizes) / 2
+
+
+def test_export_copies_tokenizer_and_processor_files(tmp_path):
+  import transformers
+
+  from rrvf_jax.testing import checkpoints
+
+  src = checkpoints.make_tiny_policy_dir(tmp_path / "src")
+  qwen_vl.to_hf(qwen_vl.from_hf(src), tmp_path / "out", copy_from=src)
+  want = transformers.AutoTokenizer.from_pretrained(src)("<|im_start|>user\nhi<|im_end|>").input_ids
+  got = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(
+    "<|im_start|>user\nhi<|im_end|>"
+  )
+  assert got.input_ids == want
+  assert (tmp_path / "out" / "preprocessor_config.json").read_text() == (
+    src / "preprocessor_config.json"
+  ).read_text()

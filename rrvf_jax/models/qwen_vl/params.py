@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 from collections.abc import Iterator
 
@@ -284,11 +285,45 @@ def _place(host: np.ndarray, var: nnx.Variable, mesh, rules, key: str) -> jax.Ar
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def to_hf(model: QwenVL, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30) -> None:
-  """Writes config.json and safetensors (hub layout, sharded with an index when large)."""
+# Files besides the weights that make a checkpoint directory servable (vLLM, SGLang, transformers).
+COMPANION_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "vocab.json",
+  "merges.txt",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "chat_template.json",
+  "chat_template.jinja",
+  "preprocessor_config.json",
+  "generation_config.json",
+)
+
+
+def to_hf(
+  model: QwenVL,
+  path: str | os.PathLike,
+  *,
+  max_shard_bytes: int = 4 << 30,
+  copy_from: str | os.PathLike | None = None,
+) -> None:
+  """Writes config.json and safetensors (hub layout, sharded with an index when large).
+
+  Args:
+    model: the policy to export.
+    path: output directory (created).
+    max_shard_bytes: largest safetensors file; more weights go to further shards plus an index.
+    copy_from: a checkpoint directory whose tokenizer / processor / generation files are copied
+      along, so the export can be served as it is.
+  """
   cfg = model.config
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
+  if copy_from is not None:
+    for name in COMPANION_FILES:
+      src = os.path.join(copy_from, name)
+      if os.path.isfile(src):
+        shutil.copyfile(src, os.path.join(path, name))
   state = nnx.state(model, nnx.Param)
   entries = []
   for p, var in nnx.to_flat_state(state):
