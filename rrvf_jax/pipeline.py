@@ -1,13 +1,13 @@
 """The run pipeline behind `rrvf_jax.main`: the stages a config asks for, in order.
 
-Implemented so far: `policy_check` (load or build the policy, render a target chart, build the RRVF
-prompt, run the forward pass and a short greedy generation). Cold-start SFT, GRPO and evaluation are
+Implemented so far: `policy_check` (load or build the policy, render a target through the sandboxed
+renderer, build the RRVF prompt with the render tool, run the forward pass and a short greedy
+generation, parse the policy's turn). Cold-start SFT, GRPO and evaluation are
 later stages, not implemented yet.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -18,7 +18,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from PIL import Image
 
+from rrvf_jax import env
 from rrvf_jax.models import qwen_vl
 from rrvf_jax.models.qwen_vl import model as model_lib
 from rrvf_jax.processing import chat, image, tokens
@@ -27,10 +29,34 @@ from rrvf_jax.testing import tokenizer as tiny_tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-INSTRUCTION = (
-  "Write matplotlib code that reproduces this chart exactly. Think first, then call the "
-  "render tool with your code, and give the final code in <answer></answer>."
-)
+INSTRUCTIONS = {
+  "chart": (
+    "Write matplotlib code that reproduces this chart. Think first, call the render tool with your "
+    "code to see the result, and give the final code in <answer></answer>."
+  ),
+  "web": (
+    "Write HTML that reproduces this web page. Think first, call the render tool with your code "
+    "to see the result, and give the final code in <answer></answer>."
+  ),
+}
+
+# The demo targets: our own code, rendered through the same sandboxed renderers as policy code.
+DEMO_TARGETS = {
+  "chart": (
+    "import matplotlib.pyplot as plt\n"
+    "fig, ax = plt.subplots()\n"
+    "colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728']\n"
+    "ax.bar(['A', 'B', 'C', 'D'], [3, 7, 5, 9], color=colors)\n"
+    "ax.set_title('Sales')\n"
+  ),
+  "web": (
+    "<html><body style='margin:0;font-family:sans-serif'>"
+    "<div style='background:#1f4e79;color:white;padding:16px;font-size:24px'>Acme</div>"
+    "<div style='padding:16px'><h2>Welcome</h2><p>Fast, simple, offline.</p>"
+    "<button style='background:#ff7f0e;border:0;padding:8px 16px'>Start</button></div>"
+    "</body></html>"
+  ),
+}
 
 
 class ConfigError(ValueError):
@@ -39,6 +65,8 @@ class ConfigError(ValueError):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks values the pipeline depends on before any work starts."""
+  if config.task not in INSTRUCTIONS:
+    raise ConfigError(f"config.task must be one of {sorted(INSTRUCTIONS)}, got {config.task!r}")
   if config.model.dtype not in _DTYPES:
     raise ConfigError(
       f"config.model.dtype must be one of {sorted(_DTYPES)}, got {config.model.dtype!r}"
@@ -74,24 +102,19 @@ def _tiny_tokenizer_dir(workdir: str) -> str:
   return os.fspath(tiny_tokenizer.make_tiny_tokenizer(os.path.join(workdir, "tiny_tokenizer")))
 
 
-def demo_chart(width: int, height: int, seed: int) -> np.ndarray:
-  """A small bar chart rendered in-process (our own code, not model-written: no sandbox needed)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from PIL import Image
-
-  rng = np.random.default_rng(seed)
-  fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-  ax.bar(
-    ["A", "B", "C", "D"], rng.integers(1, 10, 4), color=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
-  )
-  ax.set_title("Sales")
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
-  return np.asarray(Image.open(buf).convert("RGB"))
+def render_target(task: str, width: int, height: int) -> np.ndarray:
+  """The demo's target image, rendered by the sandboxed renderer of `task`."""
+  if task == "chart":
+    result = env.render_chart(DEMO_TARGETS["chart"], canvas=env.ChartCanvas(width, height, dpi=100))
+  else:
+    canvas = env.WebCanvas(width=width, height=height, max_height=height)
+    with env.HtmlRenderer(canvas) as renderer:
+      result = env.render_html(DEMO_TARGETS["web"], renderer=renderer)
+  if result.status != "ok":
+    raise RuntimeError(
+      f"rendering the {task} demo target failed: {result.status}: {result.message}"
+    )
+  return result.image
 
 
 def greedy_generate(
@@ -125,15 +148,17 @@ def policy_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the policy once on a target chart and reports what it did."""
   start = time.perf_counter()
   model, tok = load_policy(config, workdir)
-  target = demo_chart(config.image.width, config.image.height, config.seed)
+  target = render_target(config.task, config.image.width, config.image.height)
+  Image.fromarray(target).save(os.path.join(workdir, "target.png"))
   proc_cfg = image.ImageProcessorConfig(
     min_pixels=config.image.min_pixels, max_pixels=config.image.max_pixels
   )
   processed = image.preprocess_images([target], proc_cfg)
-  messages = [
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}
-  ]
-  prompt = chat.build_prompt_ids(tok, messages, image_grids=processed.image_grid_thw)
+  text = INSTRUCTIONS[config.task]
+  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+  prompt = chat.build_prompt_ids(
+    tok, messages, image_grids=processed.image_grid_thw, tools=env.tool_schemas(config.task)
+  )
   prompt_len = len(prompt.input_ids)
   total = prompt_len + config.policy_check.max_new_tokens
   ids = np.zeros((1, total), np.int32)
@@ -144,7 +169,10 @@ def policy_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   logits = model_lib._jit_forward(model, inputs)
   generated = greedy_generate(model, tok, inputs, prompt_len, config.policy_check.max_new_tokens)
+  generated_text = chat.decode(tok, generated, skip_special_tokens=False)
+  turn = env.parse_turn(generated_text, config.task)
   report = {
+    "task": config.task,
     "model_type": model.config.model_type,
     "parameters": sum(
       int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -153,7 +181,9 @@ def policy_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "prompt_tokens": prompt_len,
     "logits_finite": bool(jnp.isfinite(logits[0, :prompt_len]).all()),
     "generated_token_ids": generated,
-    "generated_text": chat.decode(tok, generated, skip_special_tokens=False),
+    "generated_text": generated_text,
+    "parsed_action": turn.action,
+    "parse_issues": [issue.value for issue in turn.issues],
     "seconds": round(time.perf_counter() - start, 2),
     "devices": [str(d) for d in jax.devices()],
   }

@@ -13,11 +13,15 @@ from rrvf_jax import pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_policy_check_runs(tmp_path):
-  config = chart.get_config("demo")
+@pytest.mark.parametrize("config_module", [chart, web], ids=["chart", "web"])
+def test_demo_policy_check_runs(tmp_path, config_module):
+  config = config_module.get_config("demo")
   config.policy_check.max_new_tokens = 4
   pipeline.run(config, str(tmp_path))
   report = json.loads((tmp_path / "policy_check.json").read_text())
+  assert report["task"] == config.task
+  assert report["parsed_action"] in ("answer", "tool_call", "none")
+  assert (tmp_path / "target.png").stat().st_size > 1000
   assert report["logits_finite"]
   assert report["image_grid_thw"] == [[1, 16, 16]]
   assert 1 <= len(report["generated_token_ids"]) <= 4
