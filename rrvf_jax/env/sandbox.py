@@ -5,8 +5,9 @@ Isolation, outermost first:
 * **bubblewrap** (`isolation_level() == "bwrap"`): each worker lives in new user, mount, PID, IPC,
   UTS, cgroup and network namespaces (no network at all), as uid 65534 with no capabilities and no
   further user namespaces. Its file system is a read-only view of only the Python install, the
-  virtualenv, /usr/lib, fonts and a few files under /etc, plus a size-capped tmpfs /tmp and a
-  read-only /dev with null/zero/random. The host's files (target images, training data, the repo)
+  virtualenv, /usr/lib, fonts and a few files under /etc, plus a size-capped scratch tmpfs
+  (`/rrvf-scratch`, the only writable place; /tmp is read-only) and a read-only /dev with
+  null/zero/random. The host's files (target images, training data, the repo)
   do not exist inside. Everything dies with the pool (`--die-with-parent`).
 * **per job** (see `_sandbox_worker.py`): a fork of the warm zygote, in its own session, with a
   fresh working directory, rlimits (CPU, address space, file size, processes, open files, no core),
@@ -15,7 +16,7 @@ Isolation, outermost first:
   sockets or ctypes; threads are allowed, bounded by the address-space limit). The wall-clock
   deadline is enforced by the zygote (SIGKILL), and by the host as a backstop (kill and replace the
   whole worker). Before the result is returned the job's process is reaped and its working
-  directory and /tmp are wiped, so nothing from one job reaches the next.
+  directory and the scratch are wiped, so nothing from one job reaches the next.
 * **fallback** (`"rlimit"`), only where bubblewrap is missing or fails its self-test: the same
   per-job measures without namespaces, with a loud warning and a counter (`sandbox_metrics()`).
 
@@ -57,6 +58,10 @@ _HERE = Path(__file__).resolve().parent
 _WORKER = _HERE / "_sandbox_worker.py"
 _SECCOMP = _HERE / "_sandbox_seccomp.py"
 _INSIDE = "/opt/rrvf"  # where the worker scripts appear inside the sandbox
+# The jobs' writable scratch inside the sandbox. Not /tmp: the host's Python or virtualenv may live
+# under /tmp (a CI clone, say), and its read-only bind must neither be hidden by a tmpfs nor be
+# walked by the after-job wipe.
+_SCRATCH = "/rrvf-scratch"
 _SANDBOX_UID = 65534
 _FRAME = struct.Struct("!I")
 _REPLY_HEADER_LIMIT = 1 << 20
@@ -74,7 +79,7 @@ class SandboxConfig:
   # seccomp forbids fork in any case and the address-space limit bounds threads.
   max_processes: int = 16
   max_open_files: int = 64
-  tmp_size_mb: int = 64  # size of the worker's tmpfs /tmp (bwrap only)
+  tmp_size_mb: int = 64  # size of the worker's scratch tmpfs (bwrap only; /tmp is read-only)
   max_output_bytes: int = 32 << 20  # largest result a job may send back
   max_stdout_chars: int = 1 << 20  # printing more than this ends the job as oversize_output
   code_limits: CodeLimits = dataclasses.field(default_factory=CodeLimits)
@@ -235,8 +240,10 @@ def _bwrap_argv(exe: str, config: SandboxConfig, binds: list[tuple[str, str]]) -
   argv = [exe, "--unshare-all", "--unshare-user", "--uid", str(_SANDBOX_UID)]
   argv += ["--gid", str(_SANDBOX_UID), "--cap-drop", "ALL", "--disable-userns"]
   argv += ["--die-with-parent", "--hostname", "sandbox", "--clearenv"]
-  for key, value in _sandbox_env("/tmp", "/tmp/mplconfig").items():
+  for key, value in _sandbox_env(_SCRATCH, f"{_SCRATCH}/mplconfig").items():
     argv += ["--setenv", key, value]
+  # /tmp first, so that binds of host paths under /tmp land inside it; made read-only below.
+  argv += ["--size", str(1 << 20), "--tmpfs", "/tmp"]
   argv += ["--ro-bind", "/usr/lib", "/usr/lib"]
   argv += _root_links()
   for path in _python_paths(config):
@@ -245,14 +252,15 @@ def _bwrap_argv(exe: str, config: SandboxConfig, binds: list[tuple[str, str]]) -
     argv += ["--ro-bind-try", path, path]
   for path in ("/etc/fonts", "/etc/ld.so.cache", "/usr/share/zoneinfo"):
     argv += ["--ro-bind-try", path, path]
-  argv += ["--size", str(config.tmp_size_mb << 20), "--tmpfs", "/tmp"]
+  argv += ["--remount-ro", "/tmp"]
+  argv += ["--size", str(config.tmp_size_mb << 20), "--tmpfs", _SCRATCH]
   argv += ["--size", str(1 << 20), "--tmpfs", "/dev"]
   for dev in ("null", "zero", "random", "urandom"):
     argv += ["--dev-bind", f"/dev/{dev}", f"/dev/{dev}"]
   argv += ["--remount-ro", "/dev", "--proc", "/proc"]
   for host, inside in binds:
     argv += ["--ro-bind", host, inside]
-  return [*argv, "--chdir", "/tmp"]
+  return [*argv, "--chdir", _SCRATCH]
 
 
 def _root_links() -> list[str]:
@@ -273,7 +281,7 @@ def _worker_argv(driver: Path, config: SandboxConfig, mode: str, home: str | Non
     worker, driver_path, seccomp = (f"{_INSIDE}/{n}.py" for n in ("worker", "driver", "seccomp"))
     files = [(str(_WORKER), worker), (str(driver), driver_path), (str(_SECCOMP), seccomp)]
     argv = [*_bwrap_argv(bwrap_executable() or "bwrap", config, files), *python, worker]
-    argv += ["--jobs-root", "/tmp", "--keep", "mplconfig"]
+    argv += ["--jobs-root", _SCRATCH, "--keep", "mplconfig"]
   else:
     worker, driver_path, seccomp = str(_WORKER), str(driver), str(_SECCOMP)
     argv = [*python, worker, "--jobs-root", os.path.join(home or "/nonexistent", "jobs")]

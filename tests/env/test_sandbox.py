@@ -220,6 +220,31 @@ def test_bwrap_is_used_when_it_works(monkeypatch):
   assert (isolation_level() == "bwrap") == (reason is None), reason
 
 
+def test_bwrap_works_where_required():
+  # CI sets RRVF_REQUIRE_BWRAP=1: there a silent fall back to the weaker level is a failure.
+  if os.environ.get("RRVF_REQUIRE_BWRAP") != "1":
+    pytest.skip("RRVF_REQUIRE_BWRAP is not set")
+  assert sandbox_module._bwrap_self_test() is None
+  assert isolation_level() == "bwrap"
+
+
+def test_host_paths_under_tmp_stay_visible(tmp_path):
+  # Regression: a CI clone under /tmp had its virtualenv hidden by the sandbox's tmpfs /tmp, so the
+  # bwrap self-test failed and every job silently ran at the weaker 'rlimit' level.
+  if isolation_level() != "bwrap":
+    pytest.skip("bubblewrap is not usable here")
+  assert str(tmp_path).startswith("/tmp/")
+  (tmp_path / "values.txt").write_text("3 1 2")
+  code = textwrap.dedent(f"""
+    import matplotlib.pyplot as plt
+    values = [int(v) for v in open({str(tmp_path / "values.txt")!r}).read().split()]
+    plt.bar(range(3), values)
+  """)
+  with create_chart_pool(1, SandboxConfig(timeout_s=10.0, extra_ro_paths=(str(tmp_path),))) as p:
+    result = render_chart(code, pool=p)
+  assert result.status == Status.OK, result.message
+
+
 # ----------------------------------------------------------------------------- static check
 
 BENIGN_CODE = """

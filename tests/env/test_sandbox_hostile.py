@@ -18,7 +18,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from rrvf_jax.env import SandboxConfig, Status, create_chart_pool, render_chart
+from rrvf_jax.env import SandboxConfig, Status, create_chart_pool, render_chart, sandbox
 
 TIMEOUT_S = 3.0
 MARKER = f"rrvf-hostile-{uuid.uuid4().hex}"  # put in the argv of anything hostile code starts
@@ -294,8 +294,8 @@ def assert_nothing_left(env: Env, temp_before: set[str]) -> None:
   for zygote in _zygotes(env.pool):
     assert zygote.children(recursive=True) == [], "a job process outlived its call"
     if env.pool.isolation == "bwrap":
-      # The worker's private /tmp (seen through its mount namespace) holds only its font cache.
-      assert os.listdir(f"/proc/{zygote.pid}/root/tmp") == ["mplconfig"]
+      # The worker's private scratch (seen through its mount namespace) holds only its font cache.
+      assert os.listdir(f"/proc/{zygote.pid}/root{sandbox._SCRATCH}") == ["mplconfig"]
     else:
       for jobs in Path(env.pool._base).glob("worker-*/jobs"):
         assert os.listdir(jobs) == []
