@@ -86,7 +86,7 @@ def main():
   inputs = jax.device_put(inputs)
 
   def run_ours():
-    model_lib._jit_forward(ours, inputs).block_until_ready()
+    model_lib.jit_forward(ours, inputs).block_until_ready()
 
   t_ids, t_pix, t_grid = torch.from_numpy(ids), torch.from_numpy(pixels), torch.from_numpy(grid)
   mm = (t_ids == cfg.image_token_id).long()

@@ -134,7 +134,7 @@ def greedy_generate(
     step_inputs = model_lib.ModelInputs(
       ids, mask, positions, inputs.pixel_values, inputs.vision_index
     )
-    logits = model_lib._jit_forward(model, step_inputs)
+    logits = model_lib.jit_forward(model, step_inputs)
     token = int(jnp.argmax(logits[0, cur - 1]))
     out.append(token)
     if token in stop or cur >= ids.shape[1]:
@@ -167,7 +167,7 @@ def policy_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
   inputs = model_lib.prepare_inputs(
     model.config, ids, mask, processed.pixel_values, processed.image_grid_thw
   )
-  logits = model_lib._jit_forward(model, inputs)
+  logits = model_lib.jit_forward(model, inputs)
   generated = greedy_generate(model, tok, inputs, prompt_len, config.policy_check.max_new_tokens)
   generated_text = chat.decode(tok, generated, skip_special_tokens=False)
   turn = env.parse_turn(generated_text, config.task)

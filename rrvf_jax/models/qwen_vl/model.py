@@ -144,7 +144,7 @@ class QwenVL(nnx.Module):
   def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None):
     """Logits `[B, L, V]` for HF-style inputs (not for use under an outer jit)."""
     inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
-    return _jit_forward(self, inputs)
+    return jit_forward(self, inputs)
 
   def embed(self, inputs: ModelInputs) -> jax.Array:
     """Token embeddings `[B, L, E]` with image features merged in."""
@@ -173,5 +173,6 @@ class QwenVL(nnx.Module):
 
 
 @nnx.jit
-def _jit_forward(model: QwenVL, inputs: ModelInputs) -> jax.Array:
+def jit_forward(model: QwenVL, inputs: ModelInputs) -> jax.Array:
+  """`model.forward` compiled (one compilation per input shape)."""
   return model.forward(inputs)
