@@ -56,7 +56,8 @@ def prepare_inputs(
   mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
   if mask.shape != input_ids.shape:
     raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
-  n_image_tokens = int(((input_ids == cfg.image_token_id) & (mask != 0)).sum())
+  # Counted over the whole batch, padding included: features are scattered onto every image token.
+  n_image_tokens = int((input_ids == cfg.image_token_id).sum())
   if (pixel_values is None) != (image_grid_thw is None):
     raise ValueError("pixel_values and image_grid_thw must be given together")
   index = None
