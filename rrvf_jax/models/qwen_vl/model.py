@@ -147,13 +147,23 @@ class QwenVL(nnx.Module):
     inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
     return jit_forward(self, inputs)
 
+  def encode_images(self, pixel_values: jax.Array, vision_index: rope.VisionIndex) -> jax.Array:
+    """Merged image features `[N, E]`, one row per image token, images in order."""
+    return self.visual(pixel_values.astype(self.dtype), vision_index)
+
+  def embed_with_features(self, input_ids: jax.Array, features: jax.Array | None) -> jax.Array:
+    """Token embeddings `[B, L, E]` with precomputed image features on the image tokens."""
+    embeds = self.text.embed_tokens(input_ids)
+    if features is None:
+      return embeds
+    return merge_image_features(embeds, input_ids, features, self.config.image_token_id)
+
   def embed(self, inputs: ModelInputs) -> jax.Array:
     """Token embeddings `[B, L, E]` with image features merged in."""
-    embeds = self.text.embed_tokens(inputs.input_ids)
-    if inputs.pixel_values is None:
-      return embeds
-    features = self.visual(inputs.pixel_values.astype(self.dtype), inputs.vision_index)
-    return merge_image_features(embeds, inputs.input_ids, features, self.config.image_token_id)
+    features = None
+    if inputs.pixel_values is not None:
+      features = self.encode_images(inputs.pixel_values, inputs.vision_index)
+    return self.embed_with_features(inputs.input_ids, features)
 
   def hidden_states(self, inputs: ModelInputs) -> jax.Array:
     """Final-norm hidden states `[B, L, E]`."""

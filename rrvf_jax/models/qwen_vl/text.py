@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from rrvf_jax import sharding
-from rrvf_jax.models.qwen_vl import rope
+from rrvf_jax.models.qwen_vl import kv_cache, rope
 from rrvf_jax.models.qwen_vl.config import TextConfig
 from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, attention, param
 
@@ -35,6 +35,20 @@ class Attention(nnx.Module):
     q = sharding.constrain(q, ("batch", "length", "act_heads", None))
     out = attention(q, k, self.v(x_ble), mask_bls, scale=self.scale)
     return self.o(out)
+
+  def cached(self, x_bte, cos, sin, mask_bts, k_cache, v_cache, offset):
+    """Attention of T new tokens over the cache; their keys/values go to slots `offset + [0, T)`."""
+    cos, sin = cos.astype(x_bte.dtype), sin.astype(x_bte.dtype)
+    q = rope.apply_rope(self.q(x_bte), cos, sin)
+    k = rope.apply_rope(self.k(x_bte), cos, sin)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), offset, axis=1)
+    v = self.v(x_bte).astype(v_cache.dtype)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, offset, axis=1)
+    k_cache = sharding.constrain(k_cache, kv_cache.KV_AXES)
+    v_cache = sharding.constrain(v_cache, kv_cache.KV_AXES)
+    q = sharding.constrain(q, ("batch", "length", "act_heads", None))
+    out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_bts, scale=self.scale)
+    return self.o(out), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -66,6 +80,15 @@ class DecoderLayer(nnx.Module):
     x = x + self.attn(self.input_norm(x), cos, sin, mask)
     x = x + self.mlp(self.post_attn_norm(x))
     return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+  def cached(self, x, cos, sin, mask, k_cache, v_cache, offset):
+    """The block on new tokens against a cache; returns the output and the updated cache."""
+    attn, k_cache, v_cache = self.attn.cached(
+      self.input_norm(x), cos, sin, mask, k_cache, v_cache, offset
+    )
+    x = x + attn
+    x = x + self.mlp(self.post_attn_norm(x))
+    return sharding.constrain(x, ("batch", "length", "act_embed")), k_cache, v_cache
 
 
 class TextModel(nnx.Module):
@@ -101,3 +124,20 @@ class TextModel(nnx.Module):
       for layer in self.layers:
         x_ble = layer(x_ble, cos, sin, mask_bls)
       return self.norm(x_ble)
+
+  def cached(
+    self, x_bte, positions_3bt, cache: kv_cache.KVCache, offset
+  ) -> tuple[jax.Array, kv_cache.KVCache]:
+    """Runs T new tokens (slots `offset + [0, T)`, already marked in `cache.valid`) on the cache."""
+    cfg = self.cfg
+    with jax.named_scope("decoder_cached"):
+      cos, sin = rope.mrope_cos_sin(
+        positions_3bt, head_dim=cfg.head_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
+      )
+      mask = kv_cache.attention_mask(cache, offset, x_bte.shape[1])
+      ks, vs = [], []
+      for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
+        x_bte, k_cache, v_cache = layer.cached(x_bte, cos, sin, mask, k_cache, v_cache, offset)
+        ks.append(k_cache)
+        vs.append(v_cache)
+      return self.norm(x_bte), kv_cache.KVCache(tuple(ks), tuple(vs), cache.valid)

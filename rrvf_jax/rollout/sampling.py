@@ -1,0 +1,97 @@
+"""Token selection from logits (greedy, temperature, top-k, top-p) and the token's log-prob."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How the next assistant turn is sampled (hashable: it is static in the jitted loop).
+
+  Attributes:
+    max_new_tokens: decode steps at most.
+    temperature: 0 is greedy; otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0: off).
+    top_p: keep the smallest set of tokens with probability >= top_p (1.0: off).
+    stop_token_ids: tokens that end a row (kept in the output), e.g. `<|im_end|>`.
+    stop_strings: strings that end a row (kept), e.g. `</answer>`; checked on token ids inside the
+      loop (their canonical tokenisation) and on the decoded text afterwards.
+  """
+
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_token_ids: tuple[int, ...] = ()
+  stop_strings: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.max_new_tokens <= 0:
+      raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def scaled_log_probs(logits_bv: jax.Array, temperature: float) -> jax.Array:
+  """log-softmax of `logits / temperature` in float32 (temperature 0: of the raw logits).
+
+  This is the distribution whose log-probs the sampler reports: the one the trainer recomputes.
+  Top-k / top-p only restrict which tokens can be drawn.
+  """
+  logits = logits_bv.astype(jnp.float32)
+  if temperature > 0:
+    logits = logits / temperature
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _restrict(log_probs_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Sets tokens outside the top-k / top-p set to -inf."""
+  if top_k:
+    kth = jax.lax.top_k(log_probs_bv, top_k)[0][:, -1:]
+    log_probs_bv = jnp.where(log_probs_bv < kth, -jnp.inf, log_probs_bv)
+  if top_p < 1.0:
+    sorted_desc = -jnp.sort(-log_probs_bv, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # A token stays when the mass strictly before it is below top_p (so the first always stays).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    log_probs_bv = jnp.where(log_probs_bv < threshold, -jnp.inf, log_probs_bv)
+  return log_probs_bv
+
+
+def sample(
+  logits_bv: jax.Array, key: jax.Array, params: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row; returns `(tokens [B] int32, log-probs [B] float32)`."""
+  log_probs = scaled_log_probs(logits_bv, params.temperature)
+  if params.temperature == 0:
+    tokens = jnp.argmax(log_probs, axis=-1)
+  else:
+    tokens = jax.random.categorical(key, _restrict(log_probs, params.top_k, params.top_p), axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+
+
+def stop_sequence_table(sequences: list[list[int]]) -> jax.Array | None:
+  """Stop token sequences right-aligned in a `[S, M]` int32 table, -1 where shorter."""
+  sequences = [s for s in sequences if s]
+  if not sequences:
+    return None
+  width = max(len(s) for s in sequences)
+  rows = [[-1] * (width - len(s)) + list(s) for s in sequences]
+  return jnp.asarray(rows, jnp.int32)
+
+
+def ends_with_any(history_bm: jax.Array, table_sm: jax.Array) -> jax.Array:
+  """True per row when the last tokens `history [B, M]` end with one of the table's sequences."""
+  match = (table_sm[None] == history_bm[:, None]) | (table_sm[None] < 0)
+  return jnp.any(jnp.all(match, axis=-1), axis=-1)
