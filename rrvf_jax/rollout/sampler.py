@@ -172,9 +172,9 @@ class Sampler:
       return Session(jax.jit(make)(), 0)
     shapes = jax.eval_shape(make)
     shardings = jax.tree.map(lambda _: self._batch_sharding(1), shapes)
-    kv = self._sharding(kv_cache.KV_AXES)
+    k, v = self._sharding(kv_cache.K_AXES), self._sharding(kv_cache.V_AXES)
     cache = dataclasses.replace(
-      shardings.cache, k=(kv,) * len(shapes.cache.k), v=(kv,) * len(shapes.cache.v)
+      shardings.cache, k=(k,) * len(shapes.cache.k), v=(v,) * len(shapes.cache.v)
     )
     shardings = dataclasses.replace(shardings, cache=cache)
     return Session(jax.jit(make, out_shardings=shardings)(), 0)

@@ -7,7 +7,7 @@ from conftest import feedback_turn, image_prompt, random_image
 
 from rrvf_jax import sharding
 from rrvf_jax.models import qwen_vl
-from rrvf_jax.models.qwen_vl.kv_cache import KV_AXES
+from rrvf_jax.models.qwen_vl.kv_cache import K_AXES
 from rrvf_jax.rollout import Sampler, SamplingParams
 
 # The tiny tokenizer's vocabulary (1191) does not divide by the tensor axis: keep vocab replicated.
@@ -39,7 +39,7 @@ def test_sharded_equals_single_device(policy_dir, model, tok, mesh_shape):
   assert kernel.sharding.spec == sharding.logical_to_spec(("embed", "kv_heads", None), RULES, mesh)
   # The cache lives sharded too: rows over data x fsdp, kv heads over tensor.
   cache_k = session.state.cache.k[0]
-  want = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(KV_AXES, RULES, mesh))
+  want = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(K_AXES, RULES, mesh))
   assert cache_k.sharding.is_equivalent_to(want, cache_k.ndim), cache_k.sharding
   for a, b in zip(expected, got, strict=True):
     np.testing.assert_array_equal(a.token_ids, b.token_ids)

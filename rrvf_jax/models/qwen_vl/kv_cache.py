@@ -1,4 +1,7 @@
-"""Key/value cache of the decoder: per-layer `[B, S, K, H]` slots and a `[B, S]` validity mask.
+"""Key/value cache of the decoder: per-layer key and value slots and a `[B, S]` validity mask.
+
+Keys are stored `[B, K, H, S]` and values `[B, K, S, H]`: the layouts the two attention matmuls
+consume directly, so a decode step never transposes the cache (on CPU that copy dominated).
 
 Slots are written left to right at a shared offset; rows of different lengths leave invalid slots
 (padding, tokens after a row stopped), which the attention mask hides. Positions are not stored:
@@ -14,14 +17,15 @@ import jax.numpy as jnp
 
 from rrvf_jax.models.qwen_vl.config import TextConfig
 
-# Logical axes of a cache slot array, for `rrvf_jax.sharding`.
-KV_AXES = ("batch", "length", "act_heads", None)
+# Logical axes of the key and value slot arrays, for `rrvf_jax.sharding`.
+K_AXES = ("batch", "act_heads", None, "length")
+V_AXES = ("batch", "act_heads", "length", None)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """Decoder cache; `k[i]`, `v[i]` are layer i's `[B, S, K, H]`, `valid` is `[B, S]` bool."""
+  """Decoder cache: layer i's keys `k[i]` `[B, K, H, S]`, values `v[i]` `[B, K, S, H]`, `valid`."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -38,9 +42,20 @@ class KVCache:
 
 def init(cfg: TextConfig, batch: int, length: int, dtype) -> KVCache:
   """An empty cache of `length` slots per row."""
-  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-  return KVCache(zeros, zeros, jnp.zeros((batch, length), bool))
+  k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
+  v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+  k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+  v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+  return KVCache(k, v, jnp.zeros((batch, length), bool))
+
+
+def write(k_cache, v_cache, k_btkh: jax.Array, v_btkh: jax.Array, offset: jax.Array):
+  """Writes T new keys/values `[B, T, K, H]` to slots `offset + [0, T)` of one layer's cache."""
+  k_new = jnp.transpose(k_btkh, (0, 2, 3, 1)).astype(k_cache.dtype)
+  v_new = jnp.transpose(v_btkh, (0, 2, 1, 3)).astype(v_cache.dtype)
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new, offset, axis=3)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new, offset, axis=2)
+  return k_cache, v_cache
 
 
 def write_valid(cache: KVCache, valid_bt: jax.Array, offset: jax.Array) -> KVCache:
@@ -57,6 +72,20 @@ def attention_mask(cache: KVCache, offset: jax.Array, num_queries: int) -> jax.A
   return causal[None] & cache.valid[:, None, :]
 
 
-def repeat_rows(cache: KVCache, repeats: int) -> KVCache:
-  """Each row repeated `repeats` times in place (row b becomes rows b*G .. b*G + G - 1)."""
-  return jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), cache)
+def cached_attention(
+  q_btnh: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask_bts: jax.Array, *, scale: float
+) -> jax.Array:
+  """GQA attention of `[B, T, N, H]` queries over one layer's cache; scores and softmax in f32.
+
+  Query head n reads kv head n // (N/K), as HF's repeat-interleave. Fully masked rows (padding
+  queries) come out finite.
+  """
+  b, t, n, h = q_btnh.shape
+  kv_heads = k_cache.shape[1]
+  q = q_btnh.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("btkgh,bkhs->bkgts", q, k_cache.astype(q.dtype))
+  scores = scores.astype(jnp.float32) * scale
+  scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache)
+  return out.reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -41,13 +41,11 @@ class Attention(nnx.Module):
     cos, sin = cos.astype(x_bte.dtype), sin.astype(x_bte.dtype)
     q = rope.apply_rope(self.q(x_bte), cos, sin)
     k = rope.apply_rope(self.k(x_bte), cos, sin)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), offset, axis=1)
-    v = self.v(x_bte).astype(v_cache.dtype)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, offset, axis=1)
-    k_cache = sharding.constrain(k_cache, kv_cache.KV_AXES)
-    v_cache = sharding.constrain(v_cache, kv_cache.KV_AXES)
+    k_cache, v_cache = kv_cache.write(k_cache, v_cache, k, self.v(x_bte), offset)
+    k_cache = sharding.constrain(k_cache, kv_cache.K_AXES)
+    v_cache = sharding.constrain(v_cache, kv_cache.V_AXES)
     q = sharding.constrain(q, ("batch", "length", "act_heads", None))
-    out = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_bts, scale=self.scale)
+    out = kv_cache.cached_attention(q, k_cache, v_cache, mask_bts, scale=self.scale)
     return self.o(out), k_cache, v_cache
 
 
