@@ -1,0 +1,117 @@
+"""Batches on the host and on the mesh: micro-batch stacking and data-parallel shardings.
+
+A batch is any pytree of arrays; a `ModelInputs` inside it is recognised and sharded field by field
+(its M-RoPE positions carry the batch on axis 1, its vision index arrays address the whole batch's
+patches and stay replicated). Every other array leaf carries the batch on axis 0.
+
+Gradient accumulation takes a batch whose leaves all have a leading micro-batch axis `[M, ...]`.
+Micro-batches are built on the host, each with its own `prepare_inputs`, because a `ModelInputs`
+cannot be split inside jit: its `pixel_values [P, D]` are flattened over the batch's images and its
+vision index holds batch-global positions. Stacking needs equal shapes in every micro-batch, which
+fixed length buckets and a fixed image canvas (one image per example) give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rrvf_jax import sharding as sharding_lib
+from rrvf_jax.models.qwen_vl.model import ModelInputs
+
+
+def stack_micro_batches(batches: Sequence[Any]) -> Any:
+  """Stacks equal-shaped batches along a new leading micro-batch axis (host NumPy)."""
+  if not batches:
+    raise ValueError("stack_micro_batches needs at least one batch")
+  first = jax.tree.structure(batches[0])
+  for i, b in enumerate(batches[1:], start=1):
+    if jax.tree.structure(b) != first:
+      raise ValueError(f"micro-batch {i} has a different structure from micro-batch 0")
+    for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path(batches[0]), jax.tree.leaves(b), strict=True
+    ):
+      if np.shape(x) != np.shape(y):
+        raise ValueError(
+          f"micro-batch {i}: {jax.tree_util.keystr(path)} has shape {np.shape(y)}, micro-batch 0 "
+          f"has {np.shape(x)}; micro-batches need equal shapes (pad to one length bucket and use "
+          "a fixed image size)"
+        )
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
+
+
+def _batch_axis_sharding(
+  shape: tuple[int, ...], axis: int, mesh: Mesh, rules: sharding_lib.Rules, what: str, strict: bool
+) -> NamedSharding:
+  """Sharding with `axis` over the rules' "batch" mesh axes (replicated where it cannot divide)."""
+  if len(shape) <= axis:
+    return NamedSharding(mesh, PartitionSpec())
+  axes: list[str | None] = [None] * len(shape)
+  axes[axis] = "batch"
+  spec = sharding_lib.trim_spec(sharding_lib.logical_to_spec(axes, rules, mesh))
+  sharding = NamedSharding(mesh, spec)
+  if strict:
+    sharding_lib.check_divisible(shape, sharding, what)
+    return sharding
+  try:
+    sharding_lib.check_divisible(shape, sharding, what)
+  except ValueError:
+    return NamedSharding(mesh, PartitionSpec())
+  return sharding
+
+
+def _model_inputs_shardings(
+  inputs: ModelInputs, mesh: Mesh, rules: sharding_lib.Rules, lead: int
+) -> ModelInputs:
+  """Per-field shardings of a ModelInputs; `lead` is 1 under a micro-batch axis, else 0."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def rows(x: Any, axis: int, what: str, strict: bool = True) -> NamedSharding:
+    return _batch_axis_sharding(np.shape(x), lead + axis, mesh, rules, what, strict)
+
+  # Patches of equal-sized images are grouped by example, so they shard like rows when they divide.
+  pixels = (
+    None
+    if inputs.pixel_values is None
+    else rows(inputs.pixel_values, 0, "pixel_values", strict=False)
+  )
+  index = (
+    None if inputs.vision_index is None else jax.tree.map(lambda _: replicated, inputs.vision_index)
+  )
+  return ModelInputs(
+    input_ids=rows(inputs.input_ids, 0, "input_ids"),
+    attention_mask=rows(inputs.attention_mask, 0, "attention_mask"),
+    positions=rows(inputs.positions, 1, "positions"),
+    pixel_values=pixels,
+    vision_index=index,
+  )
+
+
+def batch_shardings(
+  batch: Any, mesh: Mesh, rules: sharding_lib.Rules, *, micro_batches: int = 1
+) -> Any:
+  """A tree like `batch` of NamedShardings placing each example's data on its data-parallel shard.
+
+  Works on host arrays, device arrays, ShapeDtypeStructs and tracers (only shapes are read). Raises
+  a readable ValueError when the batch size does not divide by the data-parallel mesh size.
+  """
+  lead = 1 if micro_batches > 1 else 0
+
+  def one(path: Any, x: Any) -> Any:
+    if isinstance(x, ModelInputs):
+      return _model_inputs_shardings(x, mesh, rules, lead)
+    what = f"batch{jax.tree_util.keystr(path)}"
+    return _batch_axis_sharding(np.shape(x), lead, mesh, rules, what, strict=True)
+
+  return jax.tree_util.tree_map_with_path(one, batch, is_leaf=lambda x: isinstance(x, ModelInputs))
+
+
+def shard_batch(
+  batch: Any, mesh: Mesh, rules: sharding_lib.Rules, *, micro_batches: int = 1
+) -> Any:
+  """Puts a (single-host, global) batch on the mesh with `batch_shardings`."""
+  return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_batches=micro_batches))
