@@ -2,12 +2,14 @@
 
 Presets:
   (default) paper-scale: Qwen2.5-VL-7B from a local HF checkpoint directory (set
-            --config.model.checkpoint_dir=/path/to/Qwen2.5-VL-7B-Instruct).
-  demo      the tiny CPU run: a tiny random Qwen2.5-VL and a tiny tokenizer made locally.
+            --config.model.checkpoint_dir=/path/to/Qwen2.5-VL-7B-Instruct), cold-start SFT on the
+            RRVF cold-start data in --config.data.manual_dir.
+  demo      the tiny CPU run: a tiny random Qwen2.5-VL and tokenizer made locally, SFT on the
+            built-in synthetic charts, then greedy answers on held-out charts.
 
-Status: the training stages (cold-start SFT, GRPO, evaluation) are not implemented yet. The pipeline
-currently runs the `policy_check` stage only: it renders a target chart, builds the RRVF prompt,
-runs the policy's forward pass and a short greedy generation, and writes `policy_check.json`.
+Stages run in order, each skipped when its size is 0: cold-start SFT (`sft.steps`), then the
+held-out answer check (`answer_check.num_examples`). GRPO and benchmark evaluation are not
+implemented yet.
 """
 
 import ml_collections
@@ -22,4 +24,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = "chart"  # Which environment: chart (matplotlib) or web (HTML).
   if preset == "demo":
     common.apply_demo(config)
+    config.data.name = "synthetic_charts"  # Built-in procedural charts.
   return config

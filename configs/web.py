@@ -1,6 +1,7 @@
 """RRVF on web pages: `python -m rrvf_jax.main --config=configs/web.py[:preset] --workdir=DIR`.
 
-Same presets and status as configs/chart.py; the target is an HTML page screenshot.
+Same presets and stages as configs/chart.py; targets are HTML page screenshots. The paper released
+no web cold-start data, so the paper preset skips SFT (RL would start from the instruct model).
 """
 
 import ml_collections
@@ -15,6 +16,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = "web"  # Which environment: chart (matplotlib) or web (HTML).
   config.image.width = 448  # Target canvas width in pixels (multiple of 28).
   config.image.height = 336  # Target canvas height in pixels (multiple of 28).
+  config.data.name = "websight"  # Held-out pages of the answer check.
+  config.sft.steps = 0  # No released web cold-start data (see rrvf_method.md §9).
   if preset == "demo":
     common.apply_demo(config)
+    config.data.name = "synthetic_web"  # Built-in procedural pages.
+    config.image.width = 224
+    config.image.height = 224
+    config.sft.steps = 150  # Fewer steps than charts: the web demo only has to run end to end.
+    config.sft.max_length = 512  # HTML is longer than the demo's chart programs.
   return config

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -33,7 +34,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # after flag parsing, so --help stays fast.
 
-  from rrvf_jax import pipeline
+  from rrvf_jax import checkpoint, pipeline
+  from rrvf_jax.train import sft_loop
 
   logging.info(
     "JAX %s, process %d of %d, devices: %s",
@@ -46,7 +48,20 @@ def main(argv):
     pipeline.validate_config(_CONFIG.value)
   except ValueError as e:
     sys.exit(f"rrvf_jax.main: config error: {_one_line(e)}")
-  pipeline.run(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+  workdir = os.path.abspath(_WORKDIR.value)
+  try:
+    summary = pipeline.run(_CONFIG.value, workdir)
+  except sft_loop.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+  except (ValueError, OSError, FloatingPointError, checkpoint.CheckpointError) as e:
+    # Bad input (data, checkpoint, numerics) is one line; the traceback goes to a file.
+    trace = os.path.join(workdir, "error.txt")
+    os.makedirs(workdir, exist_ok=True)
+    with open(trace, "w") as f:
+      traceback.print_exc(file=f)
+    sys.exit(f"rrvf_jax.main: error: {_one_line(e)} (traceback: {trace})")
+  pipeline.print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -1,213 +1,358 @@
 """The run pipeline behind `rrvf_jax.main`: the stages a config asks for, in order.
 
-Implemented so far: `policy_check` (load or build the policy, render a target through the sandboxed
-renderer, build the RRVF prompt with the render tool, run the forward pass and a short greedy
-generation, parse the policy's turn). Cold-start SFT, GRPO and evaluation are
-later stages, not implemented yet.
+Stages (each skipped when its size is 0): cold-start SFT (`sft.steps`), then the held-out answer
+check (`answer_check.num_examples`: greedy answers, rendered and scored), then the HF export of the
+policy (`checkpoint.export_hf`). GRPO and benchmark evaluation are later issues, not implemented.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import resource
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
-from PIL import Image
+from jax.experimental import multihost_utils
 
-from rrvf_jax import env
+from rrvf_jax import checkpoint, env, metrics, rollout, sharding
+from rrvf_jax import data as data_lib
 from rrvf_jax.models import qwen_vl
-from rrvf_jax.models.qwen_vl import model as model_lib
 from rrvf_jax.processing import chat, image, tokens
+from rrvf_jax.rollout import answer_check
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing import tokenizer as tiny_tokenizer
+from rrvf_jax.train import optim, sft, sft_loop
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TASKS = ("chart", "web")
+REMAT = ("none", "dots", "full")
+SYNTHETIC = {"chart": "synthetic_charts", "web": "synthetic_web"}
 
 INSTRUCTIONS = {
-  "chart": (
-    "Write matplotlib code that reproduces this chart. Think first, call the render tool with your "
-    "code to see the result, and give the final code in <answer></answer>."
-  ),
+  "chart": sft.DEFAULT_INSTRUCTION,
   "web": (
-    "Write HTML that reproduces this web page. Think first, call the render tool with your code "
-    "to see the result, and give the final code in <answer></answer>."
+    "Write HTML that reproduces this web page exactly. "
+    "Give the final code inside <answer></answer>."
   ),
 }
 
-# The demo targets: our own code, rendered through the same sandboxed renderers as policy code.
-DEMO_TARGETS = {
-  "chart": (
-    "import matplotlib.pyplot as plt\n"
-    "fig, ax = plt.subplots()\n"
-    "colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728']\n"
-    "ax.bar(['A', 'B', 'C', 'D'], [3, 7, 5, 9], color=colors)\n"
-    "ax.set_title('Sales')\n"
-  ),
-  "web": (
-    "<html><body style='margin:0;font-family:sans-serif'>"
-    "<div style='background:#1f4e79;color:white;padding:16px;font-size:24px'>Acme</div>"
-    "<div style='padding:16px'><h2>Welcome</h2><p>Fast, simple, offline.</p>"
-    "<button style='background:#ff7f0e;border:0;padding:8px 16px'>Start</button></div>"
-    "</body></html>"
-  ),
-}
+
+ITEM_FIELDS = ("id", "text", "answered", "executed", "similarity", "message")
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
 
 
+def _check(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key} {message}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks values the pipeline depends on before any work starts."""
-  if config.task not in INSTRUCTIONS:
-    raise ConfigError(f"config.task must be one of {sorted(INSTRUCTIONS)}, got {config.task!r}")
-  if config.model.dtype not in _DTYPES:
+  """Checks every value the pipeline depends on before any work starts."""
+  _check(config.task in TASKS, "task", f"must be one of {list(TASKS)}, got {config.task!r}")
+  m = config.model
+  _check(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+  if m.checkpoint_dir and not os.path.isfile(os.path.join(m.checkpoint_dir, "config.json")):
     raise ConfigError(
-      f"config.model.dtype must be one of {sorted(_DTYPES)}, got {config.model.dtype!r}"
+      f"config.model.checkpoint_dir {m.checkpoint_dir!r} is not an HF checkpoint directory"
     )
-  ckpt = config.model.checkpoint_dir
-  if ckpt and not os.path.isfile(os.path.join(ckpt, "config.json")):
-    raise ConfigError(f"config.model.checkpoint_dir {ckpt!r} is not an HF checkpoint directory")
-  if not ckpt:
-    qwen_vl.get_preset(config.model.preset)  # Raises a ValueError listing the presets.
-  for key in ("width", "height"):
-    if config.image[key] <= 0:
-      raise ConfigError(f"config.image.{key} must be positive, got {config.image[key]}")
-  if config.policy_check.max_new_tokens < 0:
-    raise ConfigError("config.policy_check.max_new_tokens must be >= 0")
+  if not m.checkpoint_dir:
+    try:
+      qwen_vl.get_preset(m.preset)
+    except ValueError as e:
+      raise ConfigError(f"config.model.preset: {e}") from None
+  for key in ("width", "height", "dpi"):
+    _check(config.image[key] > 0, f"image.{key}", f"must be positive, got {config.image[key]}")
+  for key in ("data", "fsdp", "tensor"):
+    value = config.mesh[key]
+    _check(value == -1 or value > 0, f"mesh.{key}", f"must be positive or -1, got {value}")
+  _check(
+    config.mesh.rules in sharding.RULES,
+    "mesh.rules",
+    f"must be one of {sorted(sharding.RULES)}, got {config.mesh.rules!r}",
+  )
+  _check(
+    config.data.name in data_lib.BUILDERS,
+    "data.name",
+    f"must be one of {sorted(data_lib.BUILDERS)}, got {config.data.name!r}",
+  )
+  _validate_sft(config.sft)
+  _check(config.checkpoint.save_every > 0, "checkpoint.save_every", "must be positive")
+  _check(config.checkpoint.keep > 0, "checkpoint.keep", "must be positive")
+  a = config.answer_check
+  _check(a.num_examples >= 0, "answer_check.num_examples", "must be >= 0")
+  _check(a.batch_size > 0, "answer_check.batch_size", "must be positive")
+  _check(a.max_new_tokens > 0, "answer_check.max_new_tokens", "must be positive")
 
 
-def load_policy(config: ml_collections.ConfigDict, workdir: str):
-  """The policy model and its tokenizer, from a local checkpoint or a preset (random weights)."""
-  dtype = _DTYPES[config.model.dtype]
+def _validate_sft(s: ml_collections.ConfigDict) -> None:
+  _check(s.steps >= 0, "sft.steps", f"must be >= 0, got {s.steps}")
+  _check(s.batch_size > 0, "sft.batch_size", f"must be positive, got {s.batch_size}")
+  _check(
+    s.micro_batches > 0 and s.batch_size % s.micro_batches == 0,
+    "sft.micro_batches",
+    f"must divide sft.batch_size={s.batch_size}, got {s.micro_batches}",
+  )
+  _check(s.max_length > 0, "sft.max_length", "must be positive")
+  _check(s.learning_rate > 0, "sft.learning_rate", "must be positive")
+  _check(
+    s.schedule in optim.SCHEDULES,
+    "sft.schedule",
+    f"must be one of {list(optim.SCHEDULES)}, got {s.schedule!r}",
+  )
+  _check(
+    s.steps == 0 or s.schedule != "cosine" or s.warmup_steps < s.steps,
+    "sft.warmup_steps",
+    f"must be smaller than sft.steps={s.steps} for the cosine schedule, got {s.warmup_steps}",
+  )
+  _check(s.remat in REMAT, "sft.remat", f"must be one of {list(REMAT)}, got {s.remat!r}")
+  _check(s.log_every > 0, "sft.log_every", "must be positive")
+  _check(s.chunk_size > 0, "sft.chunk_size", "must be positive")
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy, tokenizer, data.
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The tokenizer's directory: configured, the checkpoint's, or a tiny one made for presets."""
+  if config.model.tokenizer_dir:
+    return config.model.tokenizer_dir
   if config.model.checkpoint_dir:
-    model = qwen_vl.from_hf(config.model.checkpoint_dir, dtype=dtype)
-    tok_dir = config.model.tokenizer_dir or config.model.checkpoint_dir
-    return model, tokens.load_tokenizer(tok_dir)
-  tok_dir = config.model.tokenizer_dir or _tiny_tokenizer_dir(workdir)
-  tok = tokens.load_tokenizer(tok_dir)
-  cfg = checkpoints.config_for_tokenizer(config.model.preset, tok)
-  logging.info("No checkpoint_dir: building preset %r with random weights.", config.model.preset)
-  model = qwen_vl.QwenVL(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(config.seed))
-  return model, tok
-
-
-def _tiny_tokenizer_dir(workdir: str) -> str:
+    return config.model.checkpoint_dir
   return os.fspath(tiny_tokenizer.make_tiny_tokenizer(os.path.join(workdir, "tiny_tokenizer")))
 
 
-def render_target(task: str, width: int, height: int) -> np.ndarray:
-  """The demo's target image, rendered by the sandboxed renderer of `task`."""
-  if task == "chart":
-    result = env.render_chart(DEMO_TARGETS["chart"], canvas=env.ChartCanvas(width, height, dpi=100))
-  else:
-    canvas = env.WebCanvas(width=width, height=height, max_height=height)
-    with env.HtmlRenderer(canvas) as renderer:
-      result = env.render_html(DEMO_TARGETS["web"], renderer=renderer)
-  if result.status != "ok":
-    raise RuntimeError(
-      f"rendering the {task} demo target failed: {result.status}: {result.message}"
+def policy_config(config: ml_collections.ConfigDict, tok) -> qwen_vl.ModelConfig:
+  """The policy's architecture: the checkpoint's config.json or the preset fitted to `tok`."""
+  if config.model.checkpoint_dir:
+    return qwen_vl.load_hf_config(config.model.checkpoint_dir)
+  return checkpoints.config_for_tokenizer(config.model.preset, tok)
+
+
+def image_processor_config(config: ml_collections.ConfigDict) -> image.ImageProcessorConfig:
+  """The image processor: the checkpoint's preprocessor_config.json, bounded by the config."""
+  base = image.ImageProcessorConfig()
+  proc_file = os.path.join(config.model.checkpoint_dir or "", "preprocessor_config.json")
+  if config.model.checkpoint_dir and os.path.isfile(proc_file):
+    base = image.ImageProcessorConfig.from_pretrained(proc_file)
+  return dataclasses.replace(
+    base, min_pixels=config.image.min_pixels, max_pixels=config.image.max_pixels
+  )
+
+
+def dataset(config: ml_collections.ConfigDict, workdir: str, split: str) -> data_lib.ExampleSource:
+  """A split of the configured dataset, built on process 0 first if missing; never empty."""
+  d = config.data
+  kwargs = {}
+  if d.name in SYNTHETIC.values():
+    kwargs = {
+      "complexity": d.complexity,
+      "width": config.image.width,
+      "height": config.image.height,
+      "num_train": d.num_train,
+      "num_test": d.num_test,
+      "seed": config.seed,
+    }
+    if d.name == "synthetic_charts":
+      kwargs["dpi"] = config.image.dpi
+
+  def load(build: bool) -> data_lib.ExampleSource:
+    return data_lib.load(
+      d.name,
+      split,
+      data_dir=d.data_dir or os.path.join(workdir, "data"),
+      manual_dir=d.manual_dir or None,
+      build=build,
+      **kwargs,
     )
-  return result.image
+
+  source = load(True) if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"dataset {d.name}/{split}")
+    source = source or load(False)
+  if len(source) == 0:
+    raise ValueError(f"dataset {d.name} split {split!r} is empty")
+  return source
 
 
-def greedy_generate(
-  model, tok, inputs: model_lib.ModelInputs, prompt_len: int, max_new: int
-) -> list[int]:
-  """Greedy tokens after a single prompt, by full forward passes over a fixed padded length.
-
-  A placeholder until the KV-cache sampler exists: one compilation (fixed shapes), O(L^2) per token.
-  """
-  stop = set(tokens.special_token_ids(tok).eos_token_ids)
-  ids = np.asarray(inputs.input_ids).copy()
-  mask = np.asarray(inputs.attention_mask).copy()
-  positions = np.asarray(inputs.positions).copy()
-  out = []
-  for step in range(max_new):
-    cur = prompt_len + step
-    step_inputs = model_lib.ModelInputs(
-      ids, mask, positions, inputs.pixel_values, inputs.vision_index
-    )
-    logits = model_lib.jit_forward(model, step_inputs)
-    token = int(jnp.argmax(logits[0, cur - 1]))
-    out.append(token)
-    if token in stop or cur >= ids.shape[1]:
-      break
-    ids[0, cur], mask[0, cur] = token, 1
-    positions[:, 0, cur] = positions[:, 0, cur - 1] + 1  # Text after the prompt: +1 on every axis.
-  return out
+def fresh_model_fn(config: ml_collections.ConfigDict, model_cfg: qwen_vl.ModelConfig):
+  """`make_model(rngs)`: the policy architecture with new weights."""
+  dtype = DTYPES[config.model.dtype]
+  return lambda rngs: qwen_vl.QwenVL(model_cfg, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
-def policy_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the policy once on a target chart and reports what it did."""
+def pretrained_model(config, mesh, rules) -> nnx.Module | None:
+  """The checkpoint's weights, sharded on `mesh`; None for presets (random weights)."""
+  if not config.model.checkpoint_dir:
+    logging.info("No checkpoint_dir: preset %r with random weights.", config.model.preset)
+    return None
+  return qwen_vl.from_hf(
+    config.model.checkpoint_dir, dtype=DTYPES[config.model.dtype], mesh=mesh, rules=rules
+  )
+
+
+def _canvas_renderer(config: ml_collections.ConfigDict):
+  """(render(codes) -> results, close()) for the task's sandboxed renderer at the canvas size."""
+  width, height = config.image.width, config.image.height
+  if config.task == "chart":
+    canvas = env.ChartCanvas(width, height, dpi=config.image.dpi)
+    return (lambda codes: env.render_charts(codes, canvas=canvas)), (lambda: None)
+  renderer = env.HtmlRenderer(env.WebCanvas(width=width, height=height, max_height=height))
+
+  def render(codes):
+    futures = [renderer.submit(c) for c in codes]
+    return [f.result() for f in futures]
+
+  return render, renderer.close
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages.
+
+
+def run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules) -> dict:
+  """Greedy answers on held-out examples, rendered and scored; writes answer_check.json."""
+  a = config.answer_check
+  source = dataset(config, workdir, config.data.eval_split)
+  n = min(a.num_examples, len(source))
+  examples = sft_loop.decoded_examples([source[i] for i in range(n)])
+  longest_prompt = 1024  # image tokens + instruction; the bucket is picked per call
+  sampler = rollout.Sampler(
+    model,
+    tok,
+    cache_length=rollout.sampler.bucket_length(longest_prompt, rollout.sampler.DEFAULT_BUCKETS)
+    + a.max_new_tokens,
+    mesh=mesh,
+    rules=rules,
+  )
+  render, close = _canvas_renderer(config)
   start = time.perf_counter()
-  model, tok = load_policy(config, workdir)
-  target = render_target(config.task, config.image.width, config.image.height)
-  Image.fromarray(target).save(os.path.join(workdir, "target.png"))
-  proc_cfg = image.ImageProcessorConfig(
-    min_pixels=config.image.min_pixels, max_pixels=config.image.max_pixels
-  )
-  processed = image.preprocess_images([target], proc_cfg)
-  text = INSTRUCTIONS[config.task]
-  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-  prompt = chat.build_prompt_ids(
-    tok, messages, image_grids=processed.image_grid_thw, tools=env.tool_schemas(config.task)
-  )
-  prompt_len = len(prompt.input_ids)
-  total = prompt_len + config.policy_check.max_new_tokens
-  ids = np.zeros((1, total), np.int32)
-  ids[0, :prompt_len] = prompt.input_ids
-  mask = (np.arange(total) < prompt_len).astype(np.int32)[None]
-  inputs = model_lib.prepare_inputs(
-    model.config, ids, mask, processed.pixel_values, processed.image_grid_thw
-  )
-  logits = model_lib.jit_forward(model, inputs)
-  generated = greedy_generate(model, tok, inputs, prompt_len, config.policy_check.max_new_tokens)
-  generated_text = chat.decode(tok, generated, skip_special_tokens=False)
-  turn = env.parse_turn(generated_text, config.task)
-  report = {
-    "task": config.task,
-    "model_type": model.config.model_type,
-    "parameters": sum(
-      int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    ),
-    "image_grid_thw": processed.image_grid_thw.tolist(),
-    "prompt_tokens": prompt_len,
-    "logits_finite": bool(jnp.isfinite(logits[0, :prompt_len]).all()),
-    "generated_token_ids": generated,
-    "generated_text": generated_text,
-    "parsed_action": turn.action,
-    "parse_issues": [issue.value for issue in turn.issues],
-    "seconds": round(time.perf_counter() - start, 2),
-    "devices": [str(d) for d in jax.devices()],
-  }
-  with open(os.path.join(workdir, "policy_check.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  return report
+  try:
+    items = answer_check.run(
+      sampler,
+      examples,
+      task=config.task,
+      render=render,
+      judge=env.LocalJudge(),
+      instruction=INSTRUCTIONS[config.task],
+      proc_cfg=proc_cfg,
+      system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
+      max_new_tokens=a.max_new_tokens,
+      batch_size=a.batch_size,
+      progress=lambda done, total: logging.info("answer_check: %d/%d", done, total),
+    )
+  finally:
+    close()
+  summary = answer_check.summarize(items) | {"seconds": round(time.perf_counter() - start, 1)}
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "answer_check")
+    with metrics.MetricWriter(out, resume_step=None, tensorboard=True) as writer:
+      pairs = [(ex["image"], item.render) for ex, item in zip(examples, items, strict=True)]
+      writer.write_image_pairs(0, pairs, tag="answer_check", max_pairs=4)
+      writer.write_scalars(0, {f"answer_check/{k}": v for k, v in summary.items()})
+    with open(os.path.join(out, "answers.json"), "w") as f:
+      json.dump(
+        {
+          "summary": summary,
+          "items": [
+            {
+              k: getattr(i, k)
+              for k in ("id", "text", "answered", "executed", "similarity", "message")
+            }
+            for i in items
+          ],
+        },
+        f,
+        indent=1,
+      )
+  return summary
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Runs every stage the config enables."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every stage the config enables; returns the run summary (also in summary.json)."""
   validate_config(config)
+  sharding.maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
-  if config.policy_check.max_new_tokens > 0:
-    report = policy_check(config, workdir)
-    logging.info(
-      "policy_check: %s",
-      json.dumps({k: v for k, v in report.items() if k != "generated_token_ids"}),
+  start = time.perf_counter()
+  mesh = sharding.mesh_from_config({k: config.mesh[k] for k in ("data", "fsdp", "tensor")})
+  rules = sharding.get_rules(config.mesh.rules)
+  tok_dir = tokenizer_dir(config, workdir)
+  tok = tokens.load_tokenizer(tok_dir)
+  model_cfg = policy_config(config, tok)
+  proc_cfg = image_processor_config(config)
+  summary: dict = {"task": config.task, "devices": len(jax.devices()), "mesh": dict(mesh.shape)}
+  model = None
+  if config.sft.steps > 0:
+    stage = sft_loop.Stage(
+      config=config,
+      workdir=workdir,
+      tokenizer=tok,
+      model_config=model_cfg,
+      make_model=fresh_model_fn(config, model_cfg),
+      initial_model=lambda: pretrained_model(config, mesh, rules),
+      mesh=mesh,
+      rules=rules,
+      proc_cfg=proc_cfg,
+      instruction=INSTRUCTIONS[config.task],
+      system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
     )
+    t = time.perf_counter()
+    model = sft_loop.run(stage, dataset(config, workdir, config.data.train_split))
+    summary["sft"] = _sft_summary(workdir) | {"seconds": round(time.perf_counter() - t, 1)}
+  if model is None:
+    model = pretrained_model(config, mesh, rules)
+    if model is None:
+      model = fresh_model_fn(config, model_cfg)(nnx.Rngs(config.seed))
+  logging.info("Parameter shardings:\n%s", sharding.sharding_table(model, mesh, rules))
+  if config.answer_check.num_examples > 0:
+    summary["answer_check"] = run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules)
+  if config.checkpoint.export_hf and config.sft.steps > 0:
+    export = os.path.join(workdir, "export")
+    checkpoint.export_hf(model, export, copy_from=tok_dir)
+    if jax.process_index() == 0:
+      with open(os.path.join(export, "preprocessor_config.json"), "w") as f:
+        json.dump(proc_cfg.to_dict(), f, indent=2)
+    summary["export"] = export
+  summary["seconds"] = round(time.perf_counter() - start, 1)
+  summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def _sft_summary(workdir: str) -> dict:
+  """First and last logged SFT loss (from the stage's metrics.jsonl)."""
+  records = [r for r in metrics.read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))]
+  losses = [(r["step"], r["sft/loss"]) for r in records if "sft/loss" in r]
+  if not losses:
+    return {}
+  return {"first_loss": losses[0], "last_loss": losses[-1], "steps": losses[-1][0]}
+
+
+def print_summary(summary: dict) -> None:
+  """The human-readable end-of-run table."""
+  print(f"run finished in {summary['seconds']} s, peak RSS {summary['peak_rss_gib']} GiB")
+  if summary.get("sft"):
+    s = summary["sft"]
     print(
-      f"policy_check: {report['parameters']:,} parameters, {report['prompt_tokens']} prompt tokens "
-      f"(image grid {report['image_grid_thw']}), logits finite: {report['logits_finite']}, "
-      f"{len(report['generated_token_ids'])} tokens generated in {report['seconds']} s"
+      f"cold-start SFT: {s['steps']} steps in {s['seconds']} s, loss "
+      f"{s['first_loss'][1]:.3f} (step {s['first_loss'][0]}) -> {s['last_loss'][1]:.3f}"
     )
-    print(f"generated (untrained policy, so expect noise): {report['generated_text']!r}")
-  print(
-    "Training stages (cold-start SFT, GRPO, evaluation) are not implemented yet; see README.md."
-  )
+  if "answer_check" in summary:
+    a = summary["answer_check"]
+    print(
+      f"held-out answer check ({a['items']} items, greedy): answered {a['answered']:.0%}, "
+      f"executed {a['exec_rate']:.0%}, mean similarity {a['similarity']:.3f}"
+    )
+  if "export" in summary:
+    print(f"policy exported (HF format) to {summary['export']}")

@@ -1,31 +1,146 @@
-"""The entry point: the demo config runs end to end, and bad configs fail with a clear message."""
+"""The entry point: the demo pipeline (SFT, answer check, export), resume, and one-line errors."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from configs import chart, web
-from rrvf_jax import pipeline
+from rrvf_jax import metrics, pipeline
+from rrvf_jax.models import qwen_vl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A few-second version of the chart demo: same code path, smaller sizes.
+SMALL = [
+  "--config.data.num_train=16",
+  "--config.data.num_test=4",
+  "--config.sft.steps=16",
+  "--config.sft.batch_size=8",
+  "--config.sft.warmup_steps=2",
+  "--config.sft.log_every=1",
+  "--config.checkpoint.save_every=4",
+  "--config.answer_check.num_examples=4",
+  "--config.answer_check.batch_size=8",
+  "--config.answer_check.max_new_tokens=16",
+]
 
-@pytest.mark.parametrize("config_module", [chart, web], ids=["chart", "web"])
-def test_demo_policy_check_runs(tmp_path, config_module):
-  config = config_module.get_config("demo")
-  config.policy_check.max_new_tokens = 4
-  pipeline.run(config, str(tmp_path))
-  report = json.loads((tmp_path / "policy_check.json").read_text())
-  assert report["task"] == config.task
-  assert report["parsed_action"] in ("answer", "tool_call", "none")
-  assert (tmp_path / "target.png").stat().st_size > 1000
-  assert report["logits_finite"]
-  assert report["image_grid_thw"] == [[1, 16, 16]]
-  assert 1 <= len(report["generated_token_ids"]) <= 4
-  assert report["prompt_tokens"] > 64  # 64 image tokens plus the chat template and instruction.
+
+def small_config(module, data_dir: str):
+  config = module.get_config("demo")
+  for override in SMALL:
+    key, value = override.removeprefix("--config.").split("=")
+    section, name = key.split(".")
+    config[section][name] = type(config[section][name])(value)
+  config.data.data_dir = data_dir
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("datasets"))
+
+
+def _main(*args, wait=True):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  command = [sys.executable, "-m", "rrvf_jax.main", *args]
+  if not wait:
+    return subprocess.Popen(
+      command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+  return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_chart_demo_trains_checks_and_exports(tmp_path, data_dir):
+  config = small_config(chart, data_dir)
+  summary = pipeline.run(config, str(tmp_path))
+  records = metrics.read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+  assert [r["step"] for r in records] == list(range(1, 17))
+  losses = [r["sft/loss"] for r in records]
+  assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])  # the loss falls
+  # Saved every 4 steps, the last 3 kept.
+  assert set(os.listdir(tmp_path / "sft" / "checkpoints")) == {"8", "12", "16"}
+  check = summary["answer_check"]
+  assert check["items"] == 4 and 0.0 <= check["exec_rate"] <= check["answered"] <= 1.0
+  answers = json.loads((tmp_path / "answer_check" / "answers.json").read_text())
+  assert len(answers["items"]) == 4
+  # The exported policy loads back with the trained weights.
+  exported = qwen_vl.from_hf(tmp_path / "export")
+  assert (
+    exported.config.text.vocab_size == qwen_vl.load_hf_config(tmp_path / "export").text.vocab_size
+  )
+  assert (tmp_path / "export" / "tokenizer.json").is_file()
+  assert (tmp_path / "export" / "preprocessor_config.json").is_file()
+  assert json.loads((tmp_path / "summary.json").read_text())["sft"]["steps"] == 16
+
+
+def test_web_demo_runs_end_to_end(tmp_path, data_dir):
+  config = small_config(web, data_dir)
+  config.sft.steps = 4
+  summary = pipeline.run(config, str(tmp_path))
+  assert summary["sft"]["steps"] == 4
+  assert summary["answer_check"]["items"] == 4
+
+
+def _wait_for_step(path, step: int, proc, timeout: float = 300.0) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if os.path.exists(path):
+      records = metrics.read_jsonl(path)
+      if records and records[-1]["step"] >= step:
+        return
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    time.sleep(0.02)
+  raise AssertionError(f"step {step} not reached")
+
+
+def _training_records(workdir) -> list[dict]:
+  return [
+    {k: v for k, v in r.items() if k.startswith("sft/")}
+    for r in metrics.read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))
+  ]
+
+
+def test_sigkill_then_rerun_resumes_with_identical_metrics(tmp_path, data_dir):
+  args = ["--config=configs/chart.py:demo", *SMALL, f"--config.data.data_dir={data_dir}"]
+  args += ["--config.answer_check.num_examples=0", "--config.checkpoint.export_hf=False"]
+  straight = tmp_path / "straight"
+  assert _main(*args, f"--workdir={straight}").returncode == 0
+
+  killed = tmp_path / "killed"
+  proc = _main(*args, f"--workdir={killed}", wait=False)
+  _wait_for_step(killed / "sft" / "metrics.jsonl", 10, proc)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  logged_before = len(metrics.read_jsonl(killed / "sft" / "metrics.jsonl"))
+  assert logged_before < 16
+
+  rerun = _main(*args, f"--workdir={killed}")
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert "resuming from the checkpoint of step" in rerun.stderr
+  expected, got = _training_records(straight), _training_records(killed)
+  assert [r["sft/loss"] for r in got] == pytest.approx([r["sft/loss"] for r in expected], rel=1e-6)
+  for key in ("sft/grad_norm", "sft/lr", "sft/tokens"):
+    assert [r[key] for r in got] == pytest.approx([r[key] for r in expected], rel=1e-6), key
+
+
+def test_sigterm_saves_and_exits_for_a_resume(tmp_path, data_dir):
+  args = ["--config=configs/chart.py:demo", *SMALL, f"--config.data.data_dir={data_dir}"]
+  args += ["--config.checkpoint.save_every=100", f"--workdir={tmp_path}"]
+  proc = _main(*args, wait=False)
+  _wait_for_step(tmp_path / "sft" / "metrics.jsonl", 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 143
+  assert "stopped by SIGTERM after step" in proc.stderr.read().decode()
+  saved = [int(s) for s in os.listdir(tmp_path / "sft" / "checkpoints") if s.isdigit()]
+  last_logged = metrics.read_jsonl(tmp_path / "sft" / "metrics.jsonl")[-1]["step"]
+  assert saved == [last_logged] and last_logged < 16  # saved off-schedule, at the stop
 
 
 def test_unknown_preset_is_named():
@@ -34,36 +149,27 @@ def test_unknown_preset_is_named():
   assert web.get_config("demo").task == "web"
 
 
-def _main(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run(
-    [sys.executable, "-m", "rrvf_jax.main", *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+def _assert_one_line_error(out, message: str) -> None:
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert message in last, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
 
 
 def test_cli_rejects_a_config_typo(tmp_path):
-  out = _main(
-    "--config=configs/chart.py:demo",
-    f"--workdir={tmp_path}",
-    "--config.policy_chek.max_new_tokens=1",
-  )
-  assert out.returncode != 0
-  assert "config error: 'policy_chek' Did you mean \"policy_check\"" in out.stderr
-  assert "Traceback" not in out.stderr
+  out = _main("--config=configs/chart.py:demo", f"--workdir={tmp_path}", "--config.trian.steps=1")
+  _assert_one_line_error(out, "config error: 'trian'")
 
 
-def test_cli_rejects_a_bad_dtype(tmp_path):
+def test_cli_rejects_a_bad_value(tmp_path):
   out = _main(
     "--config=configs/chart.py:demo", f"--workdir={tmp_path}", "--config.model.dtype=float8"
   )
-  assert out.returncode != 0
-  assert "config error: config.model.dtype must be one of ['bfloat16', 'float32']" in out.stderr
-  assert "Traceback" not in out.stderr
+  _assert_one_line_error(out, "config error: config.model.dtype must be one of")
+  out = _main(
+    "--config=configs/chart.py:demo", f"--workdir={tmp_path}", "--config.sft.micro_batches=3"
+  )
+  _assert_one_line_error(out, "config.sft.micro_batches must divide sft.batch_size=8, got 3")
 
 
 def test_cli_rejects_a_missing_checkpoint_directory(tmp_path):
@@ -71,6 +177,38 @@ def test_cli_rejects_a_missing_checkpoint_directory(tmp_path):
   out = _main(
     "--config=configs/chart.py", f"--workdir={tmp_path}", f"--config.model.checkpoint_dir={missing}"
   )
-  assert out.returncode != 0
-  assert f"config.model.checkpoint_dir '{missing}' is not an HF checkpoint directory" in out.stderr
-  assert "Traceback" not in out.stderr
+  _assert_one_line_error(out, f"config.model.checkpoint_dir '{missing}' is not an HF checkpoint")
+
+
+def _coldstart_args(tmp_path, manual):
+  return [
+    "--config=configs/chart.py:demo",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.data.name=rrvf_coldstart",
+    f"--config.data.manual_dir={manual}",
+    f"--config.data.data_dir={tmp_path / 'data'}",
+  ]
+
+
+def test_cli_rejects_an_empty_dataset(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "train.jsonl").write_text("")
+  out = _main(*_coldstart_args(tmp_path, manual))
+  _assert_one_line_error(out, "rrvf_jax.main: error:")
+  assert str(manual) in out.stderr.strip().splitlines()[-1]
+
+
+def test_cli_rejects_a_corrupt_image_in_a_dataset(tmp_path):
+  manual = tmp_path / "manual"
+  (manual / "images").mkdir(parents=True)
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(manual / "images" / "good.png")
+  (manual / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  lines = [
+    {"id": "a", "image": "images/good.png", "code": "import matplotlib.pyplot as plt"},
+    {"id": "b", "image": "images/bad.png", "code": "import matplotlib.pyplot as plt"},
+  ]
+  (manual / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  out = _main(*_coldstart_args(tmp_path, manual))
+  _assert_one_line_error(out, "rrvf_jax.main: error:")
+  assert "bad.png" in out.stderr.strip().splitlines()[-1]
