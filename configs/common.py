@@ -82,7 +82,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.data.complexity = "simple"
   c.data.num_train = 256
   c.data.num_test = 16
-  c.sft.steps = 300
+  c.sft.steps = 600
   c.sft.batch_size = 8
   c.sft.micro_batches = 1
   c.sft.max_length = 256

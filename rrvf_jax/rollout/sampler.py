@@ -132,6 +132,12 @@ class Sampler:
     self._jit_fork = jax.jit(engine.fork, static_argnums=1)
     self._jit_trim = jax.jit(engine.trim, donate_argnums=0)
 
+  def set_params(self, params: nnx.State) -> None:
+    """Samples with new weights from now on (same structure, e.g. after a train step)."""
+    if jax.tree.structure(params) != jax.tree.structure(self.params):
+      raise ValueError("set_params: the new parameters do not have the sampler's structure")
+    self.params = params
+
   # --- jitted bodies (the counters run at trace time only) ---
 
   def _append(self, params, state, input_ids, mask, positions, features, offset):
