@@ -61,6 +61,47 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.chunk_size = 512  # Sequence chunk of the LM head + log-softmax (bounds [B, T, V] memory).
   c.sft.log_every = 10  # Steps between metric writes and progress lines.
 
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.steps = 150  # RRVF GRPO steps, one rollout batch each (0: skip the stage).
+  c.grpo.prompts_per_step = 32  # Target images per step.
+  c.grpo.group_size = 8  # Episodes per target (G).
+  c.grpo.max_turns = 5  # Assistant turns per episode (a forced answer comes on top).
+  c.grpo.max_new_tokens = 1024  # Tokens per assistant turn.
+  c.grpo.max_total_tokens = 8192  # Tokens per trajectory (the KV cache length).
+  c.grpo.on_budget = "force_answer"  # At a limit: force_answer (ask for the answer) or fail.
+  c.grpo.temperature = 1.0  # Sampling temperature of the episodes (the loss uses the same).
+  c.grpo.top_p = 1.0  # Nucleus sampling mass (1.0: off).
+  c.grpo.algorithm = "grpo"  # Loss preset of rrvf_jax.rl.algorithms: grpo, dr_grpo, dapo, gspo.
+  c.grpo.clip_low = 0.2  # Ratio clipped below at 1 - clip_low.
+  c.grpo.clip_high = 0.2  # Ratio clipped above at 1 + clip_high (0.28: DAPO clip-higher).
+  c.grpo.loss_agg = ""  # token-mean, seq-mean or seq-sum-norm; "": the preset's.
+  c.grpo.kl_coef = 0.0  # KL-to-reference coefficient (0: no reference model is kept).
+  c.grpo.learning_rate = 1e-6  # Peak learning rate.
+  c.grpo.schedule = "constant"  # Learning-rate schedule after warm-up: constant or cosine.
+  c.grpo.warmup_steps = 0  # Linear warm-up optimiser steps.
+  c.grpo.end_value = 0.0  # Cosine schedule's final learning rate.
+  c.grpo.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only).
+  c.grpo.max_grad_norm = 1.0  # Global-norm gradient clipping (0: off).
+  c.grpo.epochs = 1  # Passes over each rollout batch (> 1: old-policy ratios differ from 1).
+  c.grpo.mini_batches = 1  # Optimiser steps per pass (the rollout batch split in rows).
+  c.grpo.micro_batches = 8  # Gradient-accumulation micro-batches per mini-batch.
+  c.grpo.remat = "dots"  # Rematerialisation: none, dots or full.
+  c.grpo.chunk_size = 512  # Sequence chunk of the LM head + log-softmax.
+  c.grpo.log_every = 1  # Steps between metric writes and progress lines.
+  c.grpo.images_every = 10  # Steps between target/render image pairs (0: never).
+  c.grpo.eval_examples = 64  # Held-out targets played greedily before and after GRPO (0: skip).
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.w_vision = 1.0  # Weight of R_vision (the judge's score of the final render).
+  c.reward.w_format = 0.2  # Weight of R_format (-1 for malformed output or non-executable code).
+  c.reward.w_tool = 0.2  # Weight of R_tool (successful tool use, when R_vision is high enough).
+  c.reward.tool_threshold = 0.5  # R_tool only when R_vision is above this.
+
+  c.judge = ml_collections.ConfigDict()
+  c.judge.name = "local"  # local (image similarity, no model) or openai (an MLLM endpoint).
+  c.judge.base_url = ""  # openai judge: the OpenAI-compatible endpoint, e.g. http://host:8000/v1.
+  c.judge.model = ""  # openai judge: the served model name.
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 100  # Steps between (asynchronous) checkpoints.
   c.checkpoint.keep = 3  # Checkpoints kept per stage.
@@ -85,7 +126,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.sft.steps = 600
   c.sft.batch_size = 8
   c.sft.micro_batches = 1
-  c.sft.max_length = 256
+  c.sft.max_length = 512
   c.sft.learning_rate = 3e-3
   c.sft.warmup_steps = 20
   c.sft.end_value = 3e-4
@@ -95,3 +136,15 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.answer_check.num_examples = 16
   c.answer_check.batch_size = 8
   c.answer_check.max_new_tokens = 96
+  c.grpo.steps = 40
+  c.grpo.prompts_per_step = 4
+  c.grpo.group_size = 4
+  c.grpo.max_turns = 2
+  c.grpo.max_new_tokens = 96
+  c.grpo.max_total_tokens = 1024
+  c.grpo.learning_rate = 3e-4
+  c.grpo.epochs = 2
+  c.grpo.micro_batches = 1
+  c.grpo.remat = "none"
+  c.grpo.images_every = 10
+  c.grpo.eval_examples = 16

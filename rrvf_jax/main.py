@@ -1,5 +1,6 @@
 """Entry point: `python -m rrvf_jax.main --config=configs/chart.py[:demo] --workdir=DIR`."""
 
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -12,6 +13,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO records of Orbax (several lines per checkpoint); its warnings still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def _one_line(error: BaseException) -> str:
@@ -33,6 +41,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # after flag parsing, so --help stays fast.
+
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
   from rrvf_jax import checkpoint, pipeline
   from rrvf_jax.train import sft_loop

@@ -27,7 +27,7 @@ from rrvf_jax.processing import chat, image, tokens
 from rrvf_jax.rollout import answer_check
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing import tokenizer as tiny_tokenizer
-from rrvf_jax.train import optim, sft, sft_loop
+from rrvf_jax.train import grpo, optim, sft, sft_loop
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("chart", "web")
@@ -85,6 +85,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"must be one of {sorted(data_lib.BUILDERS)}, got {config.data.name!r}",
   )
   _validate_sft(config.sft)
+  _validate_grpo(config.grpo)
+  _check(
+    config.judge.name in ("local", "openai"),
+    "judge.name",
+    f"must be local or openai, got {config.judge.name!r}",
+  )
+  if config.judge.name == "openai":
+    _check(
+      bool(config.judge.base_url and config.judge.model), "judge", "openai needs base_url, model"
+    )
   _check(config.checkpoint.save_every > 0, "checkpoint.save_every", "must be positive")
   _check(config.checkpoint.keep > 0, "checkpoint.keep", "must be positive")
   a = config.answer_check
@@ -116,6 +126,41 @@ def _validate_sft(s: ml_collections.ConfigDict) -> None:
   _check(s.remat in REMAT, "sft.remat", f"must be one of {list(REMAT)}, got {s.remat!r}")
   _check(s.log_every > 0, "sft.log_every", "must be positive")
   _check(s.chunk_size > 0, "sft.chunk_size", "must be positive")
+
+
+def _validate_grpo(g: ml_collections.ConfigDict) -> None:
+  _check(g.steps >= 0, "grpo.steps", f"must be >= 0, got {g.steps}")
+  for key in ("prompts_per_step", "group_size", "max_turns", "max_new_tokens", "epochs"):
+    _check(g[key] > 0, f"grpo.{key}", f"must be positive, got {g[key]}")
+  rows = g.prompts_per_step * g.group_size
+  _check(
+    g.mini_batches > 0 and rows % g.mini_batches == 0,
+    "grpo.mini_batches",
+    f"must divide prompts_per_step x group_size = {rows}, got {g.mini_batches}",
+  )
+  _check(
+    g.micro_batches > 0 and (rows // max(g.mini_batches, 1)) % g.micro_batches == 0,
+    "grpo.micro_batches",
+    f"must divide a mini-batch's {rows // max(g.mini_batches, 1)} rows, got {g.micro_batches}",
+  )
+  _check(
+    g.max_total_tokens > g.max_new_tokens,
+    "grpo.max_total_tokens",
+    f"must exceed grpo.max_new_tokens={g.max_new_tokens}",
+  )
+  _check(g.on_budget in ("force_answer", "fail"), "grpo.on_budget", "must be force_answer or fail")
+  _check(g.temperature > 0, "grpo.temperature", "must be positive (GRPO samples)")
+  _check(g.remat in REMAT, "grpo.remat", f"must be one of {list(REMAT)}, got {g.remat!r}")
+  _check(
+    g.schedule in optim.SCHEDULES,
+    "grpo.schedule",
+    f"must be one of {list(optim.SCHEDULES)}, got {g.schedule!r}",
+  )
+  _check(g.eval_examples >= 0, "grpo.eval_examples", "must be >= 0")
+  try:
+    grpo.rl_config(g)
+  except ValueError as e:
+    raise ConfigError(f"config.grpo: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,19 +245,31 @@ def pretrained_model(config, mesh, rules) -> nnx.Module | None:
   )
 
 
-def _canvas_renderer(config: ml_collections.ConfigDict):
-  """(render(codes) -> results, close()) for the task's sandboxed renderer at the canvas size."""
+def canvas_renderer(config: ml_collections.ConfigDict):
+  """(submit(code) -> future of RenderResult, close()) of the task's sandboxed renderer."""
   width, height = config.image.width, config.image.height
   if config.task == "chart":
     canvas = env.ChartCanvas(width, height, dpi=config.image.dpi)
-    return (lambda codes: env.render_charts(codes, canvas=canvas)), (lambda: None)
+    return (lambda code: env.submit_chart(code, canvas=canvas)), (lambda: None)
   renderer = env.HtmlRenderer(env.WebCanvas(width=width, height=height, max_height=height))
+  return renderer.submit, renderer.close
 
-  def render(codes):
-    futures = [renderer.submit(c) for c in codes]
-    return [f.result() for f in futures]
 
-  return render, renderer.close
+def make_judge(config: ml_collections.ConfigDict) -> env.Judge:
+  """The configured judge (`judge.name`)."""
+  if config.judge.name == "local":
+    return env.LocalJudge()
+  return env.OpenAIJudge(
+    config=env.OpenAIJudgeConfig(base_url=config.judge.base_url, model=config.judge.model)
+  )
+
+
+def reward_config(config: ml_collections.ConfigDict) -> env.RewardConfig:
+  """Reward weights and the R_tool gate from the `reward` section."""
+  r = config.reward
+  return env.RewardConfig(
+    w_vision=r.w_vision, w_format=r.w_format, w_tool=r.w_tool, tool_threshold=r.tool_threshold
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,15 +291,16 @@ def run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules) -> dict
     mesh=mesh,
     rules=rules,
   )
-  render, close = _canvas_renderer(config)
+  submit, close = canvas_renderer(config)
   start = time.perf_counter()
   try:
     items = answer_check.run(
       sampler,
       examples,
       task=config.task,
-      render=render,
+      render=lambda codes: [f.result() for f in [submit(c) for c in codes]],
       judge=env.LocalJudge(),
+      tools=env.tool_schemas(config.task),
       instruction=INSTRUCTIONS[config.task],
       proc_cfg=proc_cfg,
       system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
@@ -277,6 +335,41 @@ def run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules) -> dict
   return summary
 
 
+def run_grpo(config, workdir, stage: sft_loop.Stage, model) -> tuple[nnx.Module, dict]:
+  """The GRPO stage, with greedy held-out episodes before and after; (policy, summary)."""
+  submit, close = canvas_renderer(config)
+  environment = grpo.Environment(submit, make_judge(config), reward_config(config))
+  g = config.grpo
+  held_out = []
+  if g.eval_examples > 0:
+    source = dataset(config, workdir, config.data.eval_split)
+    n = min(g.eval_examples, len(source))
+    held_out = sft_loop.decoded_examples([source[i] for i in range(n)])
+
+  def evaluate(policy) -> dict:
+    sampler = rollout.Sampler(
+      policy, stage.tokenizer, cache_length=g.max_total_tokens, mesh=stage.mesh, rules=stage.rules
+    )
+    # Batches of the training rollout's row count: a shape that divides the mesh's batch axes.
+    batch = g.prompts_per_step * g.group_size
+    return grpo.evaluate(stage, sampler, environment, held_out, batch_size=batch)
+
+  out: dict = {}
+  start = time.perf_counter()
+  try:
+    if held_out:
+      out["before"] = evaluate(model)
+      logging.info("grpo: held-out before %s", out["before"])
+    model = grpo.run(stage, dataset(config, workdir, config.data.train_split), model, environment)
+    if held_out:
+      out["after"] = evaluate(model)
+      logging.info("grpo: held-out after %s", out["after"])
+  finally:
+    close()
+  out["seconds"] = round(time.perf_counter() - start, 1)
+  return model, out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every stage the config enables; returns the run summary (also in summary.json)."""
   validate_config(config)
@@ -291,20 +384,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   proc_cfg = image_processor_config(config)
   summary: dict = {"task": config.task, "devices": len(jax.devices()), "mesh": dict(mesh.shape)}
   model = None
+  stage = sft_loop.Stage(
+    config=config,
+    workdir=workdir,
+    tokenizer=tok,
+    model_config=model_cfg,
+    make_model=fresh_model_fn(config, model_cfg),
+    initial_model=lambda: pretrained_model(config, mesh, rules),
+    mesh=mesh,
+    rules=rules,
+    proc_cfg=proc_cfg,
+    instruction=INSTRUCTIONS[config.task],
+    system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
+    tools=tuple(env.tool_schemas(config.task)),
+  )
   if config.sft.steps > 0:
-    stage = sft_loop.Stage(
-      config=config,
-      workdir=workdir,
-      tokenizer=tok,
-      model_config=model_cfg,
-      make_model=fresh_model_fn(config, model_cfg),
-      initial_model=lambda: pretrained_model(config, mesh, rules),
-      mesh=mesh,
-      rules=rules,
-      proc_cfg=proc_cfg,
-      instruction=INSTRUCTIONS[config.task],
-      system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
-    )
     t = time.perf_counter()
     model = sft_loop.run(stage, dataset(config, workdir, config.data.train_split))
     summary["sft"] = _sft_summary(workdir) | {"seconds": round(time.perf_counter() - t, 1)}
@@ -313,9 +407,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if model is None:
       model = fresh_model_fn(config, model_cfg)(nnx.Rngs(config.seed))
   logging.info("Parameter shardings:\n%s", sharding.sharding_table(model, mesh, rules))
+  if config.grpo.steps > 0:
+    model, summary["grpo"] = run_grpo(config, workdir, stage, model)
   if config.answer_check.num_examples > 0:
     summary["answer_check"] = run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules)
-  if config.checkpoint.export_hf and config.sft.steps > 0:
+  if config.checkpoint.export_hf and (config.sft.steps > 0 or config.grpo.steps > 0):
     export = os.path.join(workdir, "export")
     checkpoint.export_hf(model, export, copy_from=tok_dir)
     if jax.process_index() == 0:
@@ -348,6 +444,18 @@ def print_summary(summary: dict) -> None:
       f"cold-start SFT: {s['steps']} steps in {s['seconds']} s, loss "
       f"{s['first_loss'][1]:.3f} (step {s['first_loss'][0]}) -> {s['last_loss'][1]:.3f}"
     )
+  if "grpo" in summary and "before" in summary["grpo"]:
+    before, after = summary["grpo"]["before"], summary["grpo"]["after"]
+    print(
+      f"GRPO ({summary['grpo']['seconds']} s), greedy episodes on {before['items']} "
+      "held-out targets:"
+    )
+    print(f"{'':<14}{'exec rate':>10}{'R_vision':>10}{'reward':>10}{'turns':>8}")
+    for name, row in (("before (SFT)", before), ("after GRPO", after)):
+      print(
+        f"{name:<14}{row['exec_rate']:>10.1%}{row['r_vision']:>10.3f}{row['reward']:>10.3f}"
+        f"{row['turns']:>8.2f}"
+      )
   if "answer_check" in summary:
     a = summary["answer_check"]
     print(

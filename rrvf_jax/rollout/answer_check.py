@@ -81,6 +81,7 @@ def run(
   system_prompt: str | None,
   max_new_tokens: int,
   batch_size: int,
+  tools: Sequence[Mapping[str, Any]] | None = None,
   progress: Callable[[int, int], None] | None = None,
 ) -> list[ItemResult]:
   """Answers every example {'id', 'image': uint8 HWC} greedily, renders and scores the answers."""
@@ -104,6 +105,7 @@ def run(
         instruction=instruction,
         proc_cfg=proc_cfg,
         system_prompt=system_prompt,
+        tools=tools,
       )
       for ex in padded
     ]

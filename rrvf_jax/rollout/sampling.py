@@ -20,6 +20,9 @@ class SamplingParams:
     stop_token_ids: tokens that end a row (kept in the output), e.g. `<|im_end|>`.
     stop_strings: strings that end a row (kept), e.g. `</answer>`; checked on token ids inside the
       loop (their canonical tokenisation) and on the decoded text afterwards.
+    banned_token_ids: tokens that are never sampled (their logits are -1e9 before the softmax, so
+      the reported log-probs are of the renormalised law), e.g. `<|image_pad|>`: a generated image
+      placeholder has no image behind it. A trainer recomputing log-probs must ban the same ids.
   """
 
   max_new_tokens: int = 256
@@ -28,6 +31,7 @@ class SamplingParams:
   top_p: float = 1.0
   stop_token_ids: tuple[int, ...] = ()
   stop_strings: tuple[str, ...] = ()
+  banned_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
@@ -40,13 +44,27 @@ class SamplingParams:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def scaled_log_probs(logits_bv: jax.Array, temperature: float) -> jax.Array:
+# A banned token's logit: its probability underflows to exactly 0, while p * log p stays 0 (with
+# -inf it would be NaN in an entropy).
+BANNED_LOGIT = -1e9
+
+
+def ban(logits: jax.Array, banned_token_ids: tuple[int, ...]) -> jax.Array:
+  """Sets the banned tokens' logits (last axis) to `BANNED_LOGIT`."""
+  if not banned_token_ids:
+    return logits
+  return logits.at[..., jnp.asarray(banned_token_ids)].set(BANNED_LOGIT)
+
+
+def scaled_log_probs(
+  logits_bv: jax.Array, temperature: float, banned_token_ids: tuple[int, ...] = ()
+) -> jax.Array:
   """log-softmax of `logits / temperature` in float32 (temperature 0: of the raw logits).
 
-  This is the distribution whose log-probs the sampler reports: the one the trainer recomputes.
-  Top-k / top-p only restrict which tokens can be drawn.
+  This is the distribution whose log-probs the sampler reports: the one the trainer recomputes
+  (banned tokens excluded). Top-k / top-p only restrict which tokens can be drawn.
   """
-  logits = logits_bv.astype(jnp.float32)
+  logits = ban(logits_bv.astype(jnp.float32), banned_token_ids)
   if temperature > 0:
     logits = logits / temperature
   return jax.nn.log_softmax(logits, axis=-1)
@@ -72,7 +90,7 @@ def sample(
   logits_bv: jax.Array, key: jax.Array, params: SamplingParams
 ) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row; returns `(tokens [B] int32, log-probs [B] float32)`."""
-  log_probs = scaled_log_probs(logits_bv, params.temperature)
+  log_probs = scaled_log_probs(logits_bv, params.temperature, params.banned_token_ids)
   if params.temperature == 0:
     tokens = jnp.argmax(log_probs, axis=-1)
   else:

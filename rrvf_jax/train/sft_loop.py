@@ -56,6 +56,7 @@ class Stage:
   proc_cfg: image.ImageProcessorConfig
   instruction: str
   system_prompt: str | None
+  tools: tuple[dict[str, Any], ...] | None = None  # the render tool's schema in the system prompt
 
 
 def make_optimizer(c: ml_collections.ConfigDict):
@@ -152,6 +153,7 @@ def _train(stage: Stage, stage_dir: str, ckpt, iterator, train_step, state, star
     image_processor_cfg=stage.proc_cfg,
     system_prompt=stage.system_prompt,
     instruction=stage.instruction,
+    tools=stage.tools,
     micro_batches=c.micro_batches,
   )
   progress = metrics.ProgressLogger(c.steps, c.log_every, keys=("loss", "grad_norm", "lr"))

@@ -1,0 +1,974 @@
+"""Multi-turn RRVF episodes: sample a turn, render and judge its tool call, append feedback, repeat.
+
+`run_episodes` plays G episodes for each target image on one sampler session:
+
+1. Each prompt (system block with the task's render-tool schema, the target image, the instruction,
+   the assistant header) is prefilled once and forked into G rows that share the prefill.
+2. Every turn, the still-active rows decode their next assistant turn (`active=` leaves the others
+   untouched). Each reply is parsed (`env.parse_turn`):
+   - an `<answer>` ends the episode; its code is rendered and judged in 'score' mode (R_vision) in
+     the background while the other rows keep decoding;
+   - neither a tool call nor an answer ends the episode (no answer: R_vision = 0, R_format = -1);
+   - a tool call is rendered as soon as the reply is parsed (all of a turn's renders are queued
+     before anything blocks), the render is judged in 'feedback' mode and preprocessed in a thread
+     pool, and a tool-response turn is appended to the cache without re-prefilling: the rendered
+     image and the judge's feedback, or the error text and no image when the render failed
+     (DESIGN.md §4). Invalid calls get the parser's message.
+3. Limits. `max_turns` assistant turns per episode, and `max_total_tokens` tokens per trajectory
+   (every trajectory fits it, and the sampler's cache always has room for what is decoded). A row
+   that still calls the tool when a limit stops it is, per `on_budget`,
+   - 'force_answer': given a short user turn asking for the final answer instead of the tool
+     response (that last call is not run) and sampled once more. This extra turn is the only one
+     beyond `max_turns`; room for it is reserved, so a normal turn only starts when the forced
+     answer could still follow it;
+   - 'fail': ended without an answer (scored like any episode without one).
+4. Every finished episode gets its reward from `env.compute_reward`.
+
+Trajectories are token-exact (DESIGN.md §3): `token_ids` are exactly the ids the sampler saw, in
+order (prompt, each sampled turn with its stop token, each appended turn); `loss_mask` is 1 only on
+sampled tokens; `old_logprobs` are the sampler's log-probs there (under the sampling temperature),
+0 elsewhere. A turn cut at `max_new_tokens` before `<|im_end|>` is closed by an `<|im_end|>` at the
+start of the next appended turn, which is not a policy token. `to_model_inputs` pads trajectories
+into next-token training arrays for the GRPO loss.
+
+Timing: the sampler calls are synchronous on the host (`generate` fetches its tokens), so the wall
+time outside them is time the device has no work; `EpisodeStats` reports it with the render and
+judge times.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from absl import logging
+
+from rrvf_jax import env
+from rrvf_jax.models.qwen_vl.config import ModelConfig
+from rrvf_jax.models.qwen_vl.model import ModelInputs, prepare_inputs
+from rrvf_jax.processing import chat, image, tokens
+from rrvf_jax.rollout import answer_check
+from rrvf_jax.rollout import sampler as sampler_lib
+from rrvf_jax.rollout import sampling as sampling_lib
+
+OnBudget = Literal["force_answer", "fail"]
+ON_BUDGET: tuple[str, ...] = ("force_answer", "fail")
+# Why an episode ended. The last three are cut-offs (see `Trajectory.truncated`).
+END_REASONS = ("answer", "no_action", "turn_length", "max_turns", "budget")
+SpanSource = Literal["prompt", "policy", "tool", "nudge"]
+
+# A renderer: code -> future of an env.RenderResult (env.submit_chart with a canvas, or
+# env.HtmlRenderer(...).submit).
+RenderSubmit = Callable[[str], "concurrent.futures.Future[env.RenderResult]"]
+
+DEFAULT_FORCE_ANSWER_PROMPT = (
+  "You have reached the limit of tool calls, so your last call was not run. Do not call the tool "
+  "again: reply now with your final code inside <answer></answer>."
+)
+
+_INSTRUCTIONS = {
+  "chart": (
+    "Write Python matplotlib code that reproduces this chart exactly. Think inside "
+    "<think></think>. You can call the {tool} tool to render your code and see how it differs "
+    "from the target; when you are satisfied, give the final code inside <answer></answer>."
+  ),
+  "web": (
+    "Write a complete HTML document (inline CSS, no external resources) that reproduces this web "
+    "page exactly. Think inside <think></think>. You can call the {tool} tool to render your page "
+    "and see how it differs from the target; when you are satisfied, give the final HTML inside "
+    "<answer></answer>."
+  ),
+}
+
+
+def default_instruction(task: str) -> str:
+  """The user instruction of an RRVF episode for `task` ('chart' or 'web'), naming its tool."""
+  if task not in _INSTRUCTIONS:
+    raise ValueError(f"unknown task {task!r}; expected one of {sorted(_INSTRUCTIONS)}")
+  return _INSTRUCTIONS[task].format(tool=env.tool_for_kind(task).name)
+
+
+def episode_sampling_params(
+  tokenizer: tokens.Tokenizer,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> sampling_lib.SamplingParams:
+  """Sampling settings for episode turns: a turn ends at `<|im_end|>` (or `<|endoftext|>`)."""
+  return sampling_lib.SamplingParams(
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    stop_token_ids=tokens.special_token_ids(tokenizer).eos_token_ids,
+  )
+
+
+# --------------------------------------------------------------------------------------------------
+# Records.
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """A run of trajectory tokens `[start, end)` and where they came from.
+
+  `source`: 'prompt' (system, target image, instruction, first assistant header), 'policy' (one
+  sampled turn, stop token included), 'tool' (an appended tool-response turn and the next header),
+  'nudge' (the appended forced-answer request). `turn` is the turn the span belongs to (-1: prompt).
+  """
+
+  start: int
+  end: int
+  source: SpanSource
+  turn: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCallRecord:
+  """What happened to one tool call of a turn.
+
+  Attributes:
+    code: the code the parser recovered (None: not executable).
+    call_status: the parser's `CallStatus` value ('ok', a repair, or an error).
+    render_status: the render's status ('ok', 'runtime_error', ...), or None when it was not run
+      (not executable, skipped, or the episode stopped at a limit).
+    render_message: the renderer's message (error text; empty on success).
+    feedback: the judge's feedback text given to the policy (None when not judged).
+    feedback_score: the judge's score in feedback mode, for logging (never shown to the policy
+      unless the judge writes it into `feedback`).
+    response_status: the appended tool response's status ('ok', 'render_error', 'invalid_call',
+      'skipped'), or None when no response was appended (limit reached).
+    has_image: whether the appended response carries the rendered image.
+  """
+
+  code: str | None
+  call_status: str
+  render_status: str | None = None
+  render_message: str = ""
+  feedback: str | None = None
+  feedback_score: float | None = None
+  response_status: str | None = None
+  has_image: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnRecord:
+  """One assistant turn of an episode.
+
+  Attributes:
+    index: turn number (0-based).
+    start, end: the turn's sampled tokens are `token_ids[start:end]`.
+    text: the decoded turn (special tokens kept), as parsed.
+    finish_reason: the sampler's 'stop' or 'length' (the per-turn token cap).
+    parsed: `env.parse_turn`'s result.
+    forced: the turn was sampled after the forced-answer request.
+    tool_calls: one record per parsed tool call.
+    response: `[start, end)` of the turn appended after this one (tool response or nudge), or None.
+  """
+
+  index: int
+  start: int
+  end: int
+  text: str
+  finish_reason: str
+  parsed: env.ParsedTurn
+  forced: bool
+  tool_calls: tuple[ToolCallRecord, ...]
+  response: tuple[int, int] | None
+
+  @property
+  def action(self) -> str:
+    """The parsed action: 'answer', 'tool_call' or 'none'."""
+    return self.parsed.action
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Trajectory:
+  """One finished episode, token-exact.
+
+  Attributes:
+    token_ids: `[L]` int32, the whole conversation as the sampler saw it.
+    loss_mask: `[L]` int32, 1 exactly on sampled tokens (each turn's tokens and its stop token).
+    old_logprobs: `[L]` float32, the sampler's log-probs (at the sampling temperature) where
+      `loss_mask` is 1, else 0.
+    images: `(pixel_values [P, D], image_grid_thw [1, 3])` per image in order of appearance: the
+      target first, then each rendered image shown in a tool response.
+    spans: every token's origin, contiguous and covering `[0, L)`.
+    turns: one record per assistant turn.
+    prompt_index, group_index: the sample is row `prompt_index * G + group_index`.
+    reward: the episode reward and its parts.
+    end_reason: one of END_REASONS ('answer' also after a forced answer).
+    limit: 'max_turns' or 'budget' when the episode ran into a limit (forced or not), else None.
+    forced_answer: a forced-answer turn was sampled.
+    final_render: the render of the final answer's code (None without an answer with code).
+    final_judge: the judge's 'score' result on it (None when it did not render).
+  """
+
+  token_ids: np.ndarray
+  loss_mask: np.ndarray
+  old_logprobs: np.ndarray
+  images: tuple[tuple[np.ndarray, np.ndarray], ...]
+  spans: tuple[Span, ...]
+  turns: tuple[TurnRecord, ...]
+  prompt_index: int
+  group_index: int
+  reward: env.RewardBreakdown
+  end_reason: str
+  limit: str | None
+  forced_answer: bool
+  final_render: env.RenderResult | None
+  final_judge: env.JudgeResult | None
+
+  @property
+  def length(self) -> int:
+    """Number of tokens."""
+    return int(self.token_ids.shape[0])
+
+  @property
+  def num_turns(self) -> int:
+    """Assistant turns sampled (a forced answer included)."""
+    return len(self.turns)
+
+  @property
+  def num_policy_tokens(self) -> int:
+    """Sampled tokens (the loss mask's sum)."""
+    return int(self.loss_mask.sum())
+
+  @property
+  def prompt_length(self) -> int:
+    """Tokens of the prompt (the first span)."""
+    return self.spans[0].end
+
+  @property
+  def truncated(self) -> bool:
+    """Cut off by a limit without a final answer (a turn's token cap, max_turns or the budget)."""
+    return self.end_reason in ("turn_length", "max_turns", "budget")
+
+
+@dataclasses.dataclass
+class EpisodeStats:
+  """Counters and per-stage timings of one `run_episodes` call.
+
+  Wall seconds: `wall_s` the whole call; `sample_s` inside sampler calls (prefill, fork, decode,
+  append: the device's work); `host_wait_s` blocked on renders/judges with the device idle;
+  `prepare_s` building prompts. `render_s` and `judge_s` are summed over all renders / judge calls
+  (submit to result for renders, queueing included), so with concurrency they can exceed `wall_s`.
+  """
+
+  episodes: int = 0
+  decode_calls: int = 0
+  turns: int = 0
+  policy_tokens: int = 0
+  appended_tokens: int = 0
+  tool_calls: int = 0
+  renders: int = 0
+  renders_ok: int = 0
+  final_renders: int = 0
+  final_renders_ok: int = 0
+  judge_calls: int = 0
+  forced_answers: int = 0
+  hit_max_turns: int = 0
+  hit_budget: int = 0
+  truncated: int = 0
+  wall_s: float = 0.0
+  prepare_s: float = 0.0
+  sample_s: float = 0.0
+  host_wait_s: float = 0.0
+  render_s: float = 0.0
+  judge_s: float = 0.0
+
+  @property
+  def device_idle_fraction(self) -> float:
+    """Share of the wall time the device had no sampler work (host work and waiting)."""
+    return max(0.0, 1.0 - self.sample_s / self.wall_s) if self.wall_s > 0 else 0.0
+
+  @property
+  def host_wait_fraction(self) -> float:
+    """Share of the wall time the driver blocked on renders / judges with the device idle."""
+    return self.host_wait_s / self.wall_s if self.wall_s > 0 else 0.0
+
+  def as_dict(self, prefix: str = "rollout/") -> dict[str, float]:
+    """Flat numbers for metrics logging."""
+    out = {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    out[f"{prefix}device_idle_fraction"] = self.device_idle_fraction
+    out[f"{prefix}host_wait_fraction"] = self.host_wait_fraction
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeBatch:
+  """What `run_episodes` returns: trajectories (row `b * G + g`) and the call's stats."""
+
+  trajectories: list[Trajectory]
+  stats: EpisodeStats
+  group_size: int
+
+  @property
+  def rewards(self) -> np.ndarray:
+    """float64 `[N]` total rewards, in row order (groups of `group_size` consecutive rows)."""
+    return np.asarray([t.reward.total for t in self.trajectories], np.float64)
+
+  @property
+  def truncated(self) -> np.ndarray:
+    """bool `[N]` rows cut off by a limit without a final answer (for overlong filtering)."""
+    return np.asarray([t.truncated for t in self.trajectories], bool)
+
+
+# --------------------------------------------------------------------------------------------------
+# Background work: render -> (judge, preprocess), chained on futures.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+  """A finished render and what was computed from it off the main thread."""
+
+  render: env.RenderResult
+  judge: env.JudgeResult | None
+  pixels: image.ProcessedImages | None
+  render_s: float
+  judge_s: float
+
+
+def _then(
+  first: concurrent.futures.Future, fn: Callable[[Any], Any], pool: concurrent.futures.Executor
+) -> concurrent.futures.Future:
+  """A future of `fn(first.result())`, run on `pool` once `first` is done (no thread waits)."""
+  out: concurrent.futures.Future = concurrent.futures.Future()
+
+  def copy(inner: concurrent.futures.Future) -> None:
+    if inner.cancelled():
+      out.cancel()
+    elif inner.exception() is not None:
+      out.set_exception(inner.exception())
+    else:
+      out.set_result(inner.result())
+
+  def start(done: concurrent.futures.Future) -> None:
+    if done.cancelled():
+      out.cancel()
+      return
+    error = done.exception()
+    if error is not None:
+      out.set_exception(error)
+      return
+    try:
+      pool.submit(fn, done.result()).add_done_callback(copy)
+    except RuntimeError as e:  # the pool was shut down (the episode loop failed)
+      out.set_exception(e)
+
+  first.add_done_callback(start)
+  return out
+
+
+class _Host:
+  """Submits renders and chains judging (and image preprocessing) on a thread pool."""
+
+  def __init__(self, render_submit, judge, target_images, task, proc_cfg, workers: int):
+    self.render_submit = render_submit
+    self.judge = judge
+    self.targets = target_images
+    self.task = task
+    self.proc_cfg = proc_cfg
+    self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="episode-host")
+
+  def submit(self, code: str, prompt_index: int, mode: str) -> concurrent.futures.Future:
+    """Queues a render of `code`; the future resolves to an `_Outcome`."""
+    submitted = time.perf_counter()
+    render = self.render_submit(code)
+
+    def after(result: env.RenderResult) -> _Outcome:
+      render_s = time.perf_counter() - submitted
+      if not result.ok or result.image is None:
+        return _Outcome(result, None, None, render_s, 0.0)
+      start = time.perf_counter()
+      verdict = self.judge.judge(
+        self.targets[prompt_index], result.image, kind=self.task, code=code, mode=mode
+      )
+      judge_s = time.perf_counter() - start
+      pixels = (
+        image.preprocess_images([result.image], self.proc_cfg) if mode == "feedback" else None
+      )
+      return _Outcome(result, verdict, pixels, render_s, judge_s)
+
+    return _then(render, after, self.pool)
+
+  def close(self) -> None:
+    """Waits for running judge calls and drops queued ones."""
+    self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-row state.
+
+
+@dataclasses.dataclass
+class _Piece:
+  ids: np.ndarray
+  source: SpanSource
+  turn: int
+  logprobs: np.ndarray | None = None  # set on policy pieces only
+
+
+@dataclasses.dataclass
+class _Turn:
+  index: int
+  start: int
+  end: int
+  completion: sampler_lib.Completion
+  parsed: env.ParsedTurn
+  forced: bool
+  calls: list[ToolCallRecord]
+  response: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass
+class _Row:
+  prompt_index: int
+  group_index: int
+  pieces: list[_Piece]
+  images: list[tuple[np.ndarray, np.ndarray]]
+  length: int
+  turns: list[_Turn] = dataclasses.field(default_factory=list)
+  # Render result (or None: not run) of each tool call, in order over the turns.
+  tool_renders: list[env.RenderResult | None] = dataclasses.field(default_factory=list)
+  state: Literal["sample", "forced", "done"] = "sample"
+  # The turn's executable calls being rendered: (call index in the turn, future of _Outcome).
+  pending: list[tuple[int, concurrent.futures.Future]] = dataclasses.field(default_factory=list)
+  final: concurrent.futures.Future | None = None
+  end_reason: str | None = None
+  limit: str | None = None
+  forced_answer: bool = False
+
+  def add(self, ids: np.ndarray, source: SpanSource, turn: int, logprobs=None) -> tuple[int, int]:
+    """Appends tokens to the trajectory; returns their `[start, end)`."""
+    start = self.length
+    self.pieces.append(_Piece(np.asarray(ids, np.int32), source, turn, logprobs))
+    self.length += len(ids)
+    return start, self.length
+
+
+def _empty_segment() -> sampler_lib.Segment:
+  """Nothing new for a row."""
+  return sampler_lib.Segment(np.zeros((0,), np.int32))
+
+
+def _append_segment(
+  tok: tokens.Tokenizer,
+  messages: Sequence[dict[str, Any]],
+  pictures: Sequence[image.ProcessedImages],
+  proc_cfg: image.ImageProcessorConfig,
+  close_open_turn: bool,
+) -> sampler_lib.Segment:
+  """The tokens (and images) appended after an assistant turn, ending with the next header."""
+  grids = (
+    np.concatenate([p.image_grid_thw for p in pictures]) if pictures else np.zeros((0, 3), np.int64)
+  )
+  piece = chat.append_turn_ids(
+    tok,
+    messages,
+    image_grids=grids,
+    merge_size=proc_cfg.merge_size,
+    close_open_turn=close_open_turn,
+  )
+  if not pictures:
+    return sampler_lib.Segment(piece.input_ids)
+  pixels = np.concatenate([p.pixel_values for p in pictures])
+  return sampler_lib.Segment(piece.input_ids, pixels, grids)
+
+
+def _check_target(target: Any, index: int) -> np.ndarray:
+  """A target as uint8 HxWx3, or a ValueError naming it."""
+  array = np.asarray(target)
+  if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+    raise ValueError(f"target {index} must be a uint8 HxWx3 image, got {array.dtype} {array.shape}")
+  return array
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver.
+
+
+def run_episodes(
+  sampler: sampler_lib.Sampler,
+  targets: Sequence[np.ndarray],
+  *,
+  group_size: int,
+  task: str,
+  render_submit: RenderSubmit,
+  judge: env.Judge,
+  sampling: sampling_lib.SamplingParams,
+  key: jax.Array,
+  max_turns: int = 5,
+  max_total_tokens: int | None = None,
+  on_budget: OnBudget = "force_answer",
+  instruction: str | None = None,
+  system_prompt: str = chat.DEFAULT_SYSTEM_PROMPT,
+  proc_cfg: image.ImageProcessorConfig | None = None,
+  reward_config: env.RewardConfig | None = None,
+  force_answer_prompt: str = DEFAULT_FORCE_ANSWER_PROMPT,
+  host_workers: int = 8,
+  max_error_chars: int = 1500,
+) -> EpisodeBatch:
+  """Plays `group_size` episodes per target image and returns token-exact, rewarded trajectories.
+
+  Args:
+    sampler: the policy's sampler (`Sampler`, or anything with its prefill / fork / generate /
+      append / tokenizer / cache_length / buckets interface).
+    targets: uint8 HxWx3 target images, one prompt each.
+    group_size: G samples per target; trajectory `b * G + g` is sample g of target b.
+    task: 'chart' or 'web': the tool schema, the parser and the judge's kind.
+    render_submit: code -> future of an `env.RenderResult` (the sandboxed renderer at the canvas).
+    judge: compares renders with targets; 'feedback' mode for tool calls, 'score' for answers.
+    sampling: how each turn is sampled (see `episode_sampling_params`); `max_new_tokens`
+      caps one turn.
+    key: PRNG key (turn t samples with `fold_in(key, t)`).
+    max_turns: assistant turns per episode (a forced answer comes on top).
+    max_total_tokens: tokens per trajectory at most (None: the sampler's cache length).
+    on_budget: what happens to a row still calling the tool at a limit: 'force_answer' or 'fail'.
+    instruction: the user instruction after the target image (None: `default_instruction(task)`).
+    system_prompt: the system text; the tool schema is appended to it.
+    proc_cfg: the image processor for the target and the rendered images (None: the defaults).
+    reward_config: reward weights and rules (None: `env.RewardConfig()`).
+    force_answer_prompt: the user turn that asks for the final answer.
+    host_workers: threads that judge and preprocess renders.
+    max_error_chars: render error text longer than this is cut in the middle.
+
+  Returns:
+    An `EpisodeBatch` of `len(targets) * group_size` trajectories and the call's `EpisodeStats`.
+  """
+  wall_start = time.perf_counter()
+  if group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {group_size}")
+  if max_turns < 1:
+    raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+  if on_budget not in ON_BUDGET:
+    raise ValueError(f"on_budget must be one of {ON_BUDGET}, got {on_budget!r}")
+  if not len(targets):
+    raise ValueError("run_episodes needs at least one target image")
+  env.tool_for_kind(task)  # a clear error for an unknown task
+  target_images = [_check_target(t, i) for i, t in enumerate(targets)]
+  proc_cfg = proc_cfg or image.ImageProcessorConfig()
+  stats = EpisodeStats()
+
+  start = time.perf_counter()
+  prompts = [
+    answer_check.prompt_segment(
+      sampler.tokenizer,
+      target,
+      instruction=default_instruction(task) if instruction is None else instruction,
+      proc_cfg=proc_cfg,
+      system_prompt=system_prompt,
+      tools=env.tool_schemas(task),
+    )
+    for target in target_images
+  ]
+  driver = _Driver(
+    sampler=sampler,
+    task=task,
+    proc_cfg=proc_cfg,
+    stats=stats,
+    max_turns=max_turns,
+    budget=sampler.cache_length if max_total_tokens is None else int(max_total_tokens),
+    new_tokens=sampling.max_new_tokens,
+    forcing=on_budget == "force_answer",
+    force_answer_prompt=force_answer_prompt,
+    max_error_chars=max_error_chars,
+  )
+  driver.check_first_turn(prompts)
+  rows = [
+    _Row(b, g, [_Piece(np.asarray(p.token_ids, np.int32), "prompt", -1)], [], len(p.token_ids))
+    for b, p in enumerate(prompts)
+    for g in range(group_size)
+  ]
+  for row in rows:
+    p = prompts[row.prompt_index]
+    row.images.append((p.pixel_values, np.asarray(p.image_grid_thw).reshape(-1, 3)))
+  stats.prepare_s = time.perf_counter() - start
+
+  host = _Host(render_submit, judge, target_images, task, proc_cfg, host_workers)
+  try:
+    session = driver.timed(sampler.prefill, prompts)
+    session = driver.timed(sampler.fork, session, group_size)
+    turn = 0
+    while any(r.state != "done" for r in rows):
+      active = np.array([r.state != "done" for r in rows])
+      turn_key = jax.random.fold_in(key, turn)
+      session, completions = driver.timed(
+        sampler.generate, session, sampling, turn_key, active=active
+      )
+      stats.decode_calls += 1
+      for row, completion in zip(rows, completions, strict=True):
+        if row.state != "done":
+          driver.take_turn(row, completion, turn, host)
+      segments = driver.next_segments(rows, turn, session)
+      session = driver.timed(sampler.append, session, segments)
+      turn += 1
+    start = time.perf_counter()
+    finals = [None if r.final is None else r.final.result() for r in rows]
+    stats.host_wait_s += time.perf_counter() - start
+  finally:
+    host.close()
+  config = reward_config or env.RewardConfig()
+  trajectories = [
+    _finish(row, final, config, stats) for row, final in zip(rows, finals, strict=True)
+  ]
+  stats.episodes = len(trajectories)
+  stats.wall_s = time.perf_counter() - wall_start
+  return EpisodeBatch(trajectories, stats, group_size)
+
+
+@dataclasses.dataclass
+class _Driver:
+  """The turn-by-turn decisions of `run_episodes`, with the limits they enforce."""
+
+  sampler: Any
+  task: str
+  proc_cfg: image.ImageProcessorConfig
+  stats: EpisodeStats
+  max_turns: int
+  budget: int  # tokens per trajectory
+  new_tokens: int  # tokens per turn
+  forcing: bool  # on_budget == 'force_answer'
+  force_answer_prompt: str
+  max_error_chars: int
+
+  def __post_init__(self) -> None:
+    tok = self.sampler.tokenizer
+    self.im_end = tokens.token_id(tok, tokens.IM_END)
+    nudge = [{"role": "user", "content": self.force_answer_prompt}]
+    # The forced-answer request, after a turn that stopped at <|im_end|> (False) or did not (True).
+    self.nudge_ids = {
+      close: _append_segment(tok, nudge, (), self.proc_cfg, close).token_ids
+      for close in (False, True)
+    }
+    # Room a normal turn leaves for a forced answer after it: tokens, and cache slots.
+    longest = len(self.nudge_ids[True])
+    slots = sampler_lib.bucket_length(longest, self.sampler.buckets)
+    self.reserve = longest + self.new_tokens if self.forcing else 0
+    self.reserve_slots = slots + self.new_tokens if self.forcing else 0
+
+  def timed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Runs a sampler call, counting its wall time as device time."""
+    start = time.perf_counter()
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      self.stats.sample_s += time.perf_counter() - start
+
+  def check_first_turn(self, prompts: Sequence[sampler_lib.Segment]) -> None:
+    """Raises a ValueError when even the first turn (and a forced answer) cannot fit."""
+    for b, p in enumerate(prompts):
+      need = len(p.token_ids) + self.new_tokens + self.reserve
+      if need > self.budget:
+        raise ValueError(
+          f"prompt {b} has {len(p.token_ids)} tokens; with max_new_tokens={self.new_tokens} and "
+          f"{self.reserve} tokens reserved for a forced answer it needs max_total_tokens >= "
+          f"{need}, got {self.budget}"
+        )
+    longest = max(len(p.token_ids) for p in prompts)
+    buckets = self.sampler.buckets
+    need = sampler_lib.bucket_length(longest, buckets) + self.new_tokens + self.reserve_slots
+    if need > self.sampler.cache_length:
+      raise ValueError(
+        f"the first turn needs {need} cache slots (prompt bucket, max_new_tokens="
+        f"{self.new_tokens}, {self.reserve_slots} reserved for a forced answer) but the sampler "
+        f"has cache_length={self.sampler.cache_length}; build the Sampler with a larger "
+        "cache_length"
+      )
+
+  def take_turn(self, row: _Row, completion: sampler_lib.Completion, turn: int, host) -> None:
+    """Records a sampled turn, then ends the row or queues the renders of its tool calls."""
+    logprobs = np.asarray(completion.logprobs, np.float32)
+    start, end = row.add(completion.token_ids, "policy", turn, logprobs)
+    parsed = env.parse_turn(completion.text, self.task)
+    forced = row.state == "forced"
+    record = _Turn(turn, start, end, completion, parsed, forced, [])
+    row.turns.append(record)
+    self.stats.turns += 1
+    self.stats.policy_tokens += len(completion.token_ids)
+    self.stats.tool_calls += len(parsed.tool_calls)
+    row.forced_answer |= forced
+    if parsed.action == "tool_call" and not forced and turn + 1 < self.max_turns:
+      # Queued now, so renders run while the other rows' turns are still being parsed.
+      for k, call in enumerate(parsed.tool_calls):
+        if call.executable and call.status is not env.CallStatus.SKIPPED:
+          row.pending.append((k, host.submit(call.code, row.prompt_index, "feedback")))
+      return
+    _not_run(row, record)
+    if parsed.action == "answer":
+      _end(row, "answer")
+      if parsed.answer.code is not None:
+        row.final = host.submit(parsed.answer.code, row.prompt_index, "score")
+    elif forced:  # the forced answer did not come: the episode ends at its limit
+      _end(row, row.limit)
+    elif parsed.action == "none":
+      _end(row, "turn_length" if completion.finish_reason == "length" else "no_action")
+    else:  # a tool call on the last allowed turn
+      self.hit_limit(row, "max_turns")
+
+  def hit_limit(self, row: _Row, limit: str) -> None:
+    """A row still calling the tool reached `limit`: it gets a forced answer turn, or ends."""
+    row.limit = limit
+    if self.forcing:
+      row.state = "forced"
+    else:
+      _end(row, limit)
+
+  def next_segments(self, rows: list[_Row], turn: int, session) -> list[sampler_lib.Segment]:
+    """What each row gets appended after `turn` (waits for its renders); records it on the row."""
+    start = time.perf_counter()
+    for row in rows:
+      for _, future in row.pending:
+        future.result()
+    self.stats.host_wait_s += time.perf_counter() - start
+    segments = [_empty_segment() for _ in rows]
+    nudges: dict[int, sampler_lib.Segment] = {}
+    continuing: list[int] = []
+    for i, row in enumerate(rows):
+      if row.state == "done" or row.turns[-1].index != turn:
+        continue
+      last = row.turns[-1].completion.token_ids
+      # A turn that did not stop at <|im_end|> gets an (untrained) one before the next turn.
+      close = not len(last) or int(last[-1]) != self.im_end
+      nudges[i] = sampler_lib.Segment(self.nudge_ids[close])
+      if row.state == "forced":  # the turn limit was hit while parsing
+        segments[i] = nudges[i]
+        continue
+      segments[i] = self.tool_response(row, close)
+      if row.length + len(segments[i].token_ids) + self.new_tokens + self.reserve <= self.budget:
+        continuing.append(i)
+      else:
+        self.stop_tool_use(row, i, segments, nudges)
+    # The cache is shared: when another turn (and a forced answer after it) cannot fit, every row
+    # still calling the tool stops at the budget.
+    if continuing and self.slots(session, segments) > self.sampler.cache_length:
+      logging.warning(
+        "episode: the sampler's cache (cache_length=%d) cannot hold another turn; %d rows stop "
+        "at the budget",
+        self.sampler.cache_length,
+        len(continuing),
+      )
+      for i in continuing:
+        self.stop_tool_use(rows[i], i, segments, nudges)
+    for row, segment in zip(rows, segments, strict=True):
+      if len(segment.token_ids):
+        self.record_appended(row, segment, turn)
+    return segments
+
+  def slots(self, session, segments: Sequence[sampler_lib.Segment]) -> int:
+    """Cache slots used once `segments` are appended, a turn decoded and a forced answer too."""
+    longest = max(len(s.token_ids) for s in segments)
+    appended = sampler_lib.bucket_length(longest, self.sampler.buckets) if longest else 0
+    return session.offset + appended + self.new_tokens + self.reserve_slots
+
+  def stop_tool_use(self, row: _Row, i: int, segments, nudges) -> None:
+    """The row's tool response does not fit: it gets the forced-answer request, or ends."""
+    row.turns[-1].calls = [
+      dataclasses.replace(c, response_status=None, has_image=False) for c in row.turns[-1].calls
+    ]
+    self.hit_limit(row, "budget")
+    segments[i] = nudges[i] if self.forcing else _empty_segment()
+
+  def tool_response(self, row: _Row, close: bool) -> sampler_lib.Segment:
+    """The tool-response turn for the row's last turn (renders done); records each call."""
+    record = row.turns[-1]
+    outcomes = {k: future.result() for k, future in row.pending}
+    row.pending = []
+    messages, pictures = [], []
+    for k, call in enumerate(record.parsed.tool_calls):
+      outcome = outcomes.get(k)
+      render = None if outcome is None else outcome.render
+      verdict = None if outcome is None else outcome.judge
+      if outcome is not None:
+        self.stats.renders += 1
+        self.stats.renders_ok += int(render.ok)
+        self.stats.render_s += outcome.render_s
+        self.stats.judge_s += outcome.judge_s
+        self.stats.judge_calls += int(verdict is not None)
+      feedback = None if verdict is None else verdict.feedback
+      response = env.make_tool_response(
+        call, render, feedback, max_error_chars=self.max_error_chars
+      )
+      messages.append(response.to_message())
+      if response.has_image:
+        pictures.append(outcome.pixels)
+      row.tool_renders.append(render)
+      record.calls.append(
+        ToolCallRecord(
+          code=call.code,
+          call_status=call.status.value,
+          render_status=None if render is None else str(render.status),
+          render_message="" if render is None else render.message,
+          feedback=feedback,
+          feedback_score=None if verdict is None else verdict.score,
+          response_status=response.status,
+          has_image=response.has_image,
+        )
+      )
+    return _append_segment(self.sampler.tokenizer, messages, pictures, self.proc_cfg, close)
+
+  def record_appended(self, row: _Row, segment: sampler_lib.Segment, turn: int) -> None:
+    """Adds an appended turn's tokens and images to the row's trajectory."""
+    row.turns[-1].response = row.add(
+      segment.token_ids, "nudge" if row.state == "forced" else "tool", turn
+    )
+    self.stats.appended_tokens += len(segment.token_ids)
+    if segment.pixel_values is not None:
+      grids = np.asarray(segment.image_grid_thw).reshape(-1, 3)
+      pixels = np.split(segment.pixel_values, np.cumsum(grids.prod(axis=1))[:-1])
+      row.images += [(p, g[None]) for p, g in zip(pixels, grids, strict=True)]
+
+
+def _not_run(row: _Row, record: _Turn) -> None:
+  """Records the turn's tool calls as not run."""
+  for call in record.parsed.tool_calls:
+    record.calls.append(ToolCallRecord(call.code, call.status.value))
+    row.tool_renders.append(None)
+
+
+def _end(row: _Row, reason: str) -> None:
+  """Marks the row finished, for `reason` (one of END_REASONS)."""
+  row.state, row.end_reason = "done", reason
+
+
+def _finish(row: _Row, final: _Outcome | None, config: env.RewardConfig, stats) -> Trajectory:
+  """The trajectory of a finished row, with its reward."""
+  ids = np.concatenate([p.ids for p in row.pieces]).astype(np.int32)
+  mask = np.concatenate(
+    [np.full(len(p.ids), int(p.source == "policy"), np.int32) for p in row.pieces]
+  )
+  logprobs = np.concatenate(
+    [p.logprobs if p.logprobs is not None else np.zeros(len(p.ids), np.float32) for p in row.pieces]
+  ).astype(np.float32)
+  spans, offset = [], 0
+  for p in row.pieces:
+    spans.append(Span(offset, offset + len(p.ids), p.source, p.turn))
+    offset += len(p.ids)
+  render = None if final is None else final.render
+  verdict = None if final is None else final.judge
+  if final is not None:
+    stats.final_renders += 1
+    stats.final_renders_ok += int(render.ok)
+    stats.render_s += final.render_s
+    stats.judge_s += final.judge_s
+    stats.judge_calls += int(verdict is not None)
+  parsed = [t.parsed for t in row.turns]
+  score = None
+  if render is not None and render.ok:
+    # A judge that could not read a score in 'score' mode gives no reward rather than an error.
+    score = 0.0 if verdict is None or verdict.score is None else float(verdict.score)
+  summary = env.EpisodeSummary(
+    turns=tuple(parsed),
+    tool_render_statuses=tuple(None if r is None else str(r.status) for r in row.tool_renders),
+    final_render_status=None if render is None else str(render.status),
+    final_score=score,
+  )
+  turns = tuple(
+    TurnRecord(
+      index=t.index,
+      start=t.start,
+      end=t.end,
+      text=t.completion.text,
+      finish_reason=t.completion.finish_reason,
+      parsed=t.parsed,
+      forced=t.forced,
+      tool_calls=tuple(t.calls),
+      response=t.response,
+    )
+    for t in row.turns
+  )
+  trajectory = Trajectory(
+    token_ids=ids,
+    loss_mask=mask,
+    old_logprobs=logprobs,
+    images=tuple(row.images),
+    spans=tuple(spans),
+    turns=turns,
+    prompt_index=row.prompt_index,
+    group_index=row.group_index,
+    reward=env.compute_reward(summary, config),
+    end_reason=row.end_reason,
+    limit=row.limit,
+    forced_answer=row.forced_answer,
+    final_render=render,
+    final_judge=verdict,
+  )
+  stats.forced_answers += int(trajectory.forced_answer)
+  stats.hit_max_turns += int(trajectory.limit == "max_turns")
+  stats.hit_budget += int(trajectory.limit == "budget")
+  stats.truncated += int(trajectory.truncated)
+  return trajectory
+
+
+# --------------------------------------------------------------------------------------------------
+# Training arrays.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PolicyBatch:
+  """Padded trajectories for the policy loss; position t predicts token t + 1.
+
+  Attributes:
+    inputs: model inputs `[B, T]` (ids, attention mask, M-RoPE positions, every image's patches).
+    targets: `[B, T]` int32, the token after each position (pad id past the end).
+    loss_mask: `[B, T]` float32, 1 where `targets` is a sampled (policy) token.
+    old_logprobs: `[B, T]` float32, the sampler's log-prob of `targets` where `loss_mask` is 1.
+  """
+
+  inputs: ModelInputs
+  targets: Any
+  loss_mask: Any
+  old_logprobs: Any
+
+
+def to_model_inputs(
+  cfg: ModelConfig, trajectories: Sequence[Trajectory], length: int, *, pad_id: int = 0
+) -> PolicyBatch:
+  """Right-pads trajectories to `length` tokens and shifts masks and log-probs for next-token loss.
+
+  The log-probs of `targets` from a forward over `inputs` (at the sampling temperature) are the
+  current policy's, comparable with `old_logprobs` wherever `loss_mask` is 1. `pad_id` fills
+  padding (the attention mask hides it; it must not be the image token).
+  """
+  if not trajectories:
+    raise ValueError("to_model_inputs needs at least one trajectory")
+  if pad_id == cfg.image_token_id:
+    raise ValueError(f"pad_id {pad_id} is the image token id")
+  batch = len(trajectories)
+  ids = np.full((batch, length), pad_id, np.int32)
+  attention = np.zeros((batch, length), np.int32)
+  targets = np.full((batch, length), pad_id, np.int32)
+  loss_mask = np.zeros((batch, length), np.float32)
+  old = np.zeros((batch, length), np.float32)
+  pixels, grids = [], []
+  for i, t in enumerate(trajectories):
+    n = t.length
+    if n > length:
+      raise ValueError(
+        f"trajectory {i} (prompt {t.prompt_index}, sample {t.group_index}) has {n} tokens, more "
+        f"than length={length}"
+      )
+    ids[i, :n] = t.token_ids
+    attention[i, :n] = 1
+    targets[i, : n - 1] = t.token_ids[1:]
+    loss_mask[i, : n - 1] = t.loss_mask[1:]
+    old[i, : n - 1] = t.old_logprobs[1:]
+    for p, g in t.images:
+      pixels.append(np.asarray(p))
+      grids.append(np.asarray(g).reshape(-1, 3))
+  inputs = prepare_inputs(
+    cfg,
+    ids,
+    attention,
+    np.concatenate(pixels) if pixels else None,
+    np.concatenate(grids) if grids else None,
+  )
+  return PolicyBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, old_logprobs=old)

@@ -1,0 +1,159 @@
+"""GRPO on real multi-turn trajectories: ratio 1 via the training path, zero gradient off-policy."""
+
+import concurrent.futures
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rrvf_jax import env
+from rrvf_jax.models import qwen_vl
+from rrvf_jax.processing import tokens
+from rrvf_jax.rl import algorithms
+from rrvf_jax.rollout import SamplingParams, episode
+from rrvf_jax.testing import checkpoints
+from rrvf_jax.testing.scripted import NO_ACTION, TextScriptedSampler, answer, call
+from rrvf_jax.train import grpo
+
+SIDE = 56  # targets and renders share one canvas, as in a run
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+  path = checkpoints.make_tiny_policy_dir(tmp_path_factory.mktemp("policy"), seed=5)
+  return qwen_vl.from_hf(path), tokens.load_tokenizer(path)
+
+
+class BlockRenderer:
+  """Renders in a thread at the canvas size: code with FAIL fails, other code draws a block."""
+
+  def __init__(self):
+    self.pool = concurrent.futures.ThreadPoolExecutor(2)
+
+  def __call__(self, code):
+    return self.pool.submit(self._render, code)
+
+  @staticmethod
+  def _render(code):
+    if "FAIL" in code:
+      return env.RenderResult("runtime_error", None, "NameError: name 'FAIL' is not defined")
+    img = np.full((SIDE, SIDE, 3), 255, np.uint8)
+    img[8:30, 8 : 12 + len(code) % 40] = (sum(code.encode()) % 200, 90, 40)
+    return env.RenderResult("ok", img)
+
+
+@pytest.fixture(scope="module")
+def played(policy):
+  """Scripted multi-turn episodes on the real sampler: 2 targets x G=2."""
+  model, tok = policy
+  scripts = [
+    [answer("plt.plot([1])")],
+    [call("plt.plot([2])"), answer("plt.plot([3])")],
+    [call("plt.FAIL()"), call("plt.plot([5])"), answer("plt.plot([6])")],
+    [NO_ACTION],
+  ]
+  sampler = TextScriptedSampler(
+    model, tok, cache_length=1536, buckets=(64, 128, 256, 512), scripts=scripts
+  )
+  params = SamplingParams(
+    max_new_tokens=12,
+    temperature=1.0,
+    stop_token_ids=tokens.special_token_ids(tok).eos_token_ids,
+    banned_token_ids=grpo.banned_token_ids(tok),
+  )
+  rng = np.random.default_rng(0)
+  targets = [rng.integers(0, 255, (SIDE, SIDE, 3), np.uint8) for _ in range(2)]
+  batch = episode.run_episodes(
+    sampler,
+    targets,
+    group_size=2,
+    task="chart",
+    render_submit=BlockRenderer(),
+    judge=env.LocalJudge(),
+    sampling=params,
+    key=jax.random.key(1),
+    max_turns=3,
+    instruction="Reproduce this chart.",
+  )
+  assert [t.num_turns for t in batch.trajectories] == [1, 2, 3, 1]
+  assert [len(t.images) for t in batch.trajectories] == [1, 2, 2, 1]
+  return batch.trajectories
+
+
+def make_batch(policy, trajectories, advantages):
+  model, tok = policy
+  return grpo.make_grpo_batch(
+    model.config,
+    trajectories,
+    np.asarray(advantages, np.float32),
+    length=1024,
+    images_per_row=4,
+    pad_id=tokens.special_token_ids(tok).pad_token_id,
+  )
+
+
+def test_trainer_logprobs_equal_sampler_logprobs(policy, played):
+  """Ratio 1 at the first epoch: images encoded one by one, banned ids, temperature all agree."""
+  model, tok = policy
+  batch = make_batch(policy, played, [0.5, -0.5, 1.0, -1.0])
+  logp = grpo.policy_logprobs(
+    model, batch, temperature=1.0, chunk_size=128, banned_token_ids=grpo.banned_token_ids(tok)
+  )
+  mask = batch.loss_mask > 0
+  assert mask.sum() == sum(t.num_policy_tokens for t in played)
+  np.testing.assert_allclose(np.asarray(logp)[mask], batch.old_logprobs[mask], atol=1e-4, rtol=0)
+  # The tokens after the appended render (row 1, second turn) are among them.
+  second_turn = played[1].turns[1]
+  assert mask[1, second_turn.start - 1 : second_turn.end - 1].all()
+
+
+def test_masked_tokens_get_exactly_zero_gradient(policy, played):
+  """Prompt, tool-response, image and nudge tokens: d loss / d log p = 0 exactly."""
+  batch = make_batch(policy, played, [0.5, -0.5, 1.0, -1.0])
+  loss = algorithms.make_policy_loss("grpo")
+  old = jnp.asarray(batch.old_logprobs)
+  current = old + 0.05 * jnp.asarray(np.random.default_rng(0).normal(size=old.shape), jnp.float32)
+
+  def total(logp):
+    loss_sum, weight, _ = loss(
+      logp, old, jnp.asarray(batch.advantages), jnp.asarray(batch.loss_mask)
+    )
+    return loss_sum / weight
+
+  grad = np.asarray(jax.grad(total)(current))
+  mask = batch.loss_mask > 0
+  assert np.all(grad[~mask] == 0.0)
+  assert np.count_nonzero(grad[mask]) == mask.sum()
+  # The masked positions include every non-policy span (targets are shifted by one).
+  for row, t in enumerate(played):
+    for span in t.spans:
+      if span.source != "policy":
+        assert not mask[row, max(span.start - 1, 0) : span.end - 1].any(), span
+
+
+def test_grpo_loss_is_finite_and_moves_with_advantages(policy, played):
+  model, tok = policy
+  loss = algorithms.make_policy_loss("grpo")
+  values = []
+  for sign in (1.0, -1.0):
+    batch = make_batch(policy, played, sign * np.asarray([0.5, -0.5, 1.0, -1.0]))
+    loss_sum, weight, aux = grpo.grpo_loss(
+      model,
+      batch,
+      policy_loss=loss,
+      temperature=1.0,
+      chunk_size=128,
+      banned_token_ids=grpo.banned_token_ids(tok),
+    )
+    assert np.isfinite(float(loss_sum)) and np.isfinite(float(aux["entropy"]))
+    values.append(float(loss_sum / weight))
+  assert values[0] == pytest.approx(-values[1], rel=1e-5)  # ratio 1: loss = -mean(A)
+
+
+def test_batch_rejects_mixed_canvases_and_overflows(policy, played):
+  model, _ = policy
+  with pytest.raises(ValueError, match="more than the batch length 64"):
+    grpo.make_grpo_batch(model.config, played, np.zeros(4), length=64, images_per_row=4, pad_id=0)
+  with pytest.raises(ValueError, match="shows 2 images, more than 1"):
+    grpo.make_grpo_batch(model.config, played, np.zeros(4), length=1024, images_per_row=1, pad_id=0)
