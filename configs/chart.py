@@ -4,12 +4,12 @@ Presets:
   (default) paper-scale: Qwen2.5-VL-7B from a local HF checkpoint directory (set
             --config.model.checkpoint_dir=/path/to/Qwen2.5-VL-7B-Instruct), cold-start SFT on the
             RRVF cold-start data in --config.data.manual_dir.
-  demo      the tiny CPU run: a tiny random Qwen2.5-VL and tokenizer made locally, SFT on the
-            built-in synthetic charts, then greedy answers on held-out charts.
+  demo      the tiny CPU run: a tiny random Qwen2.5-VL and tokenizer made locally, SFT and GRPO
+            on the built-in synthetic charts, evaluated on held-out charts.
 
-Stages run in order, each skipped when its size is 0: cold-start SFT (`sft.steps`), then the
-held-out answer check (`answer_check.num_examples`). GRPO and benchmark evaluation are not
-implemented yet.
+Stages run in order, each skipped when its size is 0 (or disabled): cold-start SFT (`sft.steps`),
+RRVF GRPO (`grpo.steps`, with greedy held-out episodes before and after), the held-out answer check
+(`answer_check.num_examples`), the HF export, and the benchmark evaluation (`eval.enabled`).
 """
 
 import ml_collections

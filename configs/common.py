@@ -102,6 +102,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.judge.base_url = ""  # openai judge: the OpenAI-compatible endpoint, e.g. http://host:8000/v1.
   c.judge.model = ""  # openai judge: the served model name.
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.enabled = True  # Run the benchmark evaluation stage at the end of the run.
+  c.eval.benchmark = "chartmimic"  # chartmimic, plot2code, websight ("": the data.name dataset).
+  c.eval.split = ""  # "": direct_600 for ChartMimic, test for the others, else data.eval_split.
+  c.eval.max_items = 0  # Evaluate only the first N items (0: all).
+  c.eval.batch_size = 16  # Items per sampler call (divides the mesh's batch axes).
+  c.eval.max_new_tokens = 1024  # Tokens per assistant turn.
+  c.eval.tool_loop = False  # Greedy RRVF episodes (grpo.max_turns etc.) instead of one turn.
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 100  # Steps between (asynchronous) checkpoints.
   c.checkpoint.keep = 3  # Checkpoints kept per stage.
@@ -137,6 +146,10 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.answer_check.batch_size = 8
   c.answer_check.max_new_tokens = 96
   c.grpo.steps = 40
+  c.eval.benchmark = ""  # the held-out synthetic charts, scored with ChartMimic's metrics
+  c.eval.max_items = 16
+  c.eval.batch_size = 8
+  c.eval.max_new_tokens = 96
   c.grpo.prompts_per_step = 4
   c.grpo.group_size = 4
   c.grpo.max_turns = 2

@@ -18,9 +18,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.image.height = 336  # Target canvas height in pixels (multiple of 28).
   config.data.name = "websight"  # Held-out pages of the answer check.
   config.sft.steps = 0  # No released web cold-start data (see rrvf_method.md §9).
+  config.eval.benchmark = "websight"  # WebSight pages from data.manual_dir.
   if preset == "demo":
     common.apply_demo(config)
     config.data.name = "synthetic_web"  # Built-in procedural pages.
+    config.eval.benchmark = ""  # The held-out synthetic pages, scored with WebSight's metrics.
     config.image.width = 224
     config.image.height = 224
     config.sft.steps = 150  # Fewer steps than charts: the web demo only has to run end to end.

@@ -370,6 +370,19 @@ def run_grpo(config, workdir, stage: sft_loop.Stage, model) -> tuple[nnx.Module,
   return model, out
 
 
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The benchmark evaluation stage (of the exported policy when there is one)."""
+  from rrvf_jax.eval import stage  # imports this module
+
+  t = time.perf_counter()
+  agg, out_dir = stage.run(config, workdir)
+  keys = ("benchmark", "n_items", "exec_rate", "text", "layout", "type", "color", "overall")
+  return {k: agg[k] for k in keys if k in agg} | {
+    "out_dir": out_dir,
+    "seconds": round(time.perf_counter() - t, 1),
+  }
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every stage the config enables; returns the run summary (also in summary.json)."""
   validate_config(config)
@@ -418,6 +431,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with open(os.path.join(export, "preprocessor_config.json"), "w") as f:
         json.dump(proc_cfg.to_dict(), f, indent=2)
     summary["export"] = export
+  if config.eval.enabled:
+    summary["eval"] = run_eval(config, workdir)
   summary["seconds"] = round(time.perf_counter() - start, 1)
   summary["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
   if jax.process_index() == 0:
@@ -464,3 +479,13 @@ def print_summary(summary: dict) -> None:
     )
   if "export" in summary:
     print(f"policy exported (HF format) to {summary['export']}")
+  if "eval" in summary:
+    e = summary["eval"]
+    scores = ", ".join(
+      f"{k} {e[k]:.1f}"
+      for k in ("exec_rate", "text", "layout", "type", "color")
+      if e.get(k) is not None
+    )
+    print(
+      f"evaluation ({e['benchmark']}, {e['n_items']} items): {scores}; report in {e['out_dir']}"
+    )

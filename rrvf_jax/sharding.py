@@ -95,14 +95,28 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint from logical `axes`; a no-op outside `activation_rules`.
 
-  The rules are read when a function is traced, so trace (first call) inside the context.
+  The rules are read when a function is traced, so trace (first call) inside the context. A
+  dimension that does not divide by its mesh axes (e.g. 2 prompts before a fork to 8 rows on 8
+  devices) is left replicated rather than failing.
   """
   active = _ACTIVE.get()
   if active is None:
     return x
   mesh, rules = active
-  spec = logical_to_spec(axes, rules, mesh)
+  spec = divisible_spec(x.shape, logical_to_spec(axes, rules, mesh), mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """`spec` with the mesh axes of every dimension they do not divide dropped (replicated)."""
+  parts = []
+  for dim, part in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+    names = (part,) if isinstance(part, str) else tuple(part or ())
+    size = 1
+    for n in names:
+      size *= mesh.shape[n]
+    parts.append(part if dim % size == 0 else None)
+  return PartitionSpec(*parts)
 
 
 def trim_spec(spec: PartitionSpec) -> PartitionSpec:

@@ -29,15 +29,18 @@ SMALL = [
   "--config.answer_check.num_examples=4",
   "--config.answer_check.batch_size=8",
   "--config.answer_check.max_new_tokens=16",
+  "--config.grpo.steps=0",
+  "--config.eval.enabled=False",
 ]
 
 
-def small_config(module, data_dir: str):
+def small_config(module, data_dir: str, overrides=SMALL):
   config = module.get_config("demo")
-  for override in SMALL:
+  for override in overrides:
     key, value = override.removeprefix("--config.").split("=")
     section, name = key.split(".")
-    config[section][name] = type(config[section][name])(value)
+    kind = type(config[section][name])
+    config[section][name] = value == "True" if kind is bool else kind(value)
   config.data.data_dir = data_dir
   return config
 
@@ -57,8 +60,11 @@ def _main(*args, wait=True):
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_chart_demo_trains_checks_and_exports(tmp_path, data_dir):
+def test_chart_demo_trains_checks_exports_and_evaluates(tmp_path, data_dir):
   config = small_config(chart, data_dir)
+  config.eval.enabled = True
+  config.eval.max_items = 4
+  config.eval.max_new_tokens = 16
   summary = pipeline.run(config, str(tmp_path))
   records = metrics.read_jsonl(tmp_path / "sft" / "metrics.jsonl")
   assert [r["step"] for r in records] == list(range(1, 17))
@@ -78,6 +84,51 @@ def test_chart_demo_trains_checks_and_exports(tmp_path, data_dir):
   assert (tmp_path / "export" / "tokenizer.json").is_file()
   assert (tmp_path / "export" / "preprocessor_config.json").is_file()
   assert json.loads((tmp_path / "summary.json").read_text())["sft"]["steps"] == 16
+  # The eval stage scored the exported policy's answers with ChartMimic's metrics.
+  assert summary["eval"]["benchmark"] == "chartmimic" and summary["eval"]["n_items"] == 4
+  results = json.loads((tmp_path / "eval" / "synthetic_charts-test" / "results.json").read_text())
+  assert len(results["items"]) == 4
+  assert (tmp_path / "eval" / "synthetic_charts-test" / "report.html").is_file()
+
+
+GRPO_SMALL = [
+  "--config.eval.enabled=False",
+  "--config.sft.steps=4",
+  "--config.answer_check.num_examples=0",
+  "--config.grpo.steps=2",
+  "--config.grpo.prompts_per_step=2",
+  "--config.grpo.group_size=4",
+  "--config.grpo.max_new_tokens=24",
+  "--config.grpo.eval_examples=2",
+]
+
+
+def test_grpo_stage_logs_what_it_did(tmp_path, data_dir):
+  config = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL])
+  summary = pipeline.run(config, str(tmp_path))
+  records = metrics.read_jsonl(tmp_path / "grpo" / "metrics.jsonl")
+  assert [r["step"] for r in records] == [1, 2]
+  for key in (
+    "grpo/reward",
+    "grpo/r_vision",
+    "grpo/exec_rate",
+    "grpo/turns",
+    "grpo/tool_calls_ok",
+    "grpo/policy_tokens",
+    "grpo/loss",
+    "grpo/clip_frac_low",
+    "grpo/approx_kl",
+    "grpo/entropy",
+    "rollout/device_idle_fraction",
+    "time/rollout",
+    "time/update",
+  ):
+    assert key in records[0], key
+  # The sampler's and the trainer's log-probs of the same sampled tokens agree (ratio 1).
+  assert max(r["grpo/logprob_mismatch_max"] for r in records) < 1e-3
+  assert set(summary["grpo"]) >= {"before", "after", "seconds"}
+  assert summary["grpo"]["before"]["items"] == 2
+  assert {"2"} <= set(os.listdir(tmp_path / "grpo" / "checkpoints"))
 
 
 def test_web_demo_runs_end_to_end(tmp_path, data_dir):

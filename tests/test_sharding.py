@@ -128,3 +128,21 @@ def test_trim_spec():
   assert sharding.trim_spec(P("fsdp", None, None)) == P("fsdp")
   assert sharding.trim_spec(P(None, "tensor")) == P(None, "tensor")
   assert sharding.trim_spec(P(None)) == P()
+
+
+def test_constrain_replicates_dimensions_the_mesh_does_not_divide():
+  """Regression: 2 prompts prefilled on an 8-way batch axis (before a fork to 8 rows) must work."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 (fake) devices")
+  mesh = sharding.make_mesh(1, 8, 1)
+  spec = sharding.divisible_spec((2, 16), P("fsdp", None), mesh)
+  assert spec == P(None, None)
+  assert sharding.divisible_spec((8, 16), P("fsdp"), mesh) == P("fsdp", None)
+
+  @jax.jit
+  def f(x):
+    return sharding.constrain(x * 2, ("batch", None))
+
+  with sharding.activation_rules(mesh, sharding.FSDP_TP):
+    np.testing.assert_array_equal(f(np.ones((2, 16))), 2 * np.ones((2, 16)))
+    assert f(np.ones((8, 16))).sharding.spec[0] == "fsdp"

@@ -177,19 +177,20 @@ class Sampler:
     if self.mesh is None:
       return Session(jax.jit(make)(), 0)
     shapes = jax.eval_shape(make)
-    shardings = jax.tree.map(lambda _: self._batch_sharding(1), shapes)
-    k, v = self._sharding(kv_cache.K_AXES), self._sharding(kv_cache.V_AXES)
+    shardings = jax.tree.map(lambda x: self._sharding(("batch",), x.shape), shapes)
+    k_shape, v_shape = shapes.cache.k[0].shape, shapes.cache.v[0].shape
+    k, v = self._sharding(kv_cache.K_AXES, k_shape), self._sharding(kv_cache.V_AXES, v_shape)
     cache = dataclasses.replace(
       shardings.cache, k=(k,) * len(shapes.cache.k), v=(v,) * len(shapes.cache.v)
     )
     shardings = dataclasses.replace(shardings, cache=cache)
     return Session(jax.jit(make, out_shardings=shardings)(), 0)
 
-  def _sharding(self, axes) -> NamedSharding:
-    return NamedSharding(self.mesh, sharding.logical_to_spec(axes, self.rules, self.mesh))
-
-  def _batch_sharding(self, ndim: int) -> NamedSharding:
-    return self._sharding(("batch",) + (None,) * (ndim - 1))
+  def _sharding(self, axes, shape) -> NamedSharding:
+    """Sharding of an array of `shape` by logical `axes`; non-dividing axes stay replicated."""
+    axes = tuple(axes) + (None,) * (len(shape) - len(axes))
+    spec = sharding.logical_to_spec(axes, self.rules, self.mesh)
+    return NamedSharding(self.mesh, sharding.divisible_spec(shape, spec, self.mesh))
 
   def prefill(self, prompts: Sequence[Segment]) -> Session:
     """A new session holding `prompts` (one row each), ready to `generate`."""

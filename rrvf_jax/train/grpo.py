@@ -37,7 +37,17 @@ from rrvf_jax.train import optim, sft_loop, step
 from rrvf_jax.train import state as state_lib
 from rrvf_jax.train.logprobs import token_logprobs
 
-RESUMABLE_KEYS = (*sft_loop.RESUMABLE_KEYS, "grpo.log_every", "grpo.images_every")
+# Keys that may change between attempts without invalidating GRPO checkpoints.
+RESUMABLE_KEYS = (
+  "answer_check",
+  "checkpoint",
+  "sft.log_every",
+  "data.data_dir",
+  "data.manual_dir",
+  "grpo.log_every",
+  "grpo.images_every",
+  "grpo.eval_examples",
+)
 
 
 @jax.tree_util.register_dataclass

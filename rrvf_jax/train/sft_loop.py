@@ -27,8 +27,18 @@ from rrvf_jax.train import batch as batch_lib
 from rrvf_jax.train import optim, sft, step
 from rrvf_jax.train import state as state_lib
 
-# Keys that may change between attempts of one run without invalidating its checkpoints.
-RESUMABLE_KEYS = ("answer_check", "checkpoint", "sft.log_every", "data.data_dir", "data.manual_dir")
+# Keys that may change between attempts of a run without invalidating SFT checkpoints: logging,
+# paths, and the later stages' sections.
+RESUMABLE_KEYS = (
+  "answer_check",
+  "checkpoint",
+  "sft.log_every",
+  "data.data_dir",
+  "data.manual_dir",
+  "grpo",
+  "reward",
+  "judge",
+)
 
 
 class Preempted(RuntimeError):
