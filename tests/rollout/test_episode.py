@@ -16,7 +16,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import random_image
 
 from rrvf_jax import env
 from rrvf_jax.models.qwen_vl import model as model_lib
@@ -24,6 +23,7 @@ from rrvf_jax.processing import chat, tokens
 from rrvf_jax.rollout import SamplerStats, SamplingParams, episode
 from rrvf_jax.rollout.sampler import Completion, bucket_length
 from rrvf_jax.testing import checkpoints
+from rrvf_jax.testing.prompts import random_image
 from rrvf_jax.testing.scripted import INVALID_CALL, NO_ACTION, TextScriptedSampler, answer, call
 
 NEW_TOKENS = 64

@@ -6,11 +6,11 @@ import sys
 
 import jax
 import numpy as np
-from conftest import image_prompt, random_image
 from PIL import Image
 
 from rrvf_jax.processing import tokens
 from rrvf_jax.rollout import Sampler, SamplingParams
+from rrvf_jax.testing.prompts import image_prompt, random_image
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

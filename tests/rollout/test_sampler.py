@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 import pytest
-from conftest import feedback_turn, image_prompt, random_image
 
 from rrvf_jax.models.qwen_vl import model as model_lib
 from rrvf_jax.rollout import Sampler, SamplingParams, Segment
+from rrvf_jax.testing.prompts import feedback_turn, image_prompt, random_image
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0)
 SAMPLED = SamplingParams(max_new_tokens=16, temperature=1.0)

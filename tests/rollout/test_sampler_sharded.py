@@ -3,12 +3,12 @@
 import jax
 import numpy as np
 import pytest
-from conftest import feedback_turn, image_prompt, random_image
 
 from rrvf_jax import sharding
 from rrvf_jax.models import qwen_vl
 from rrvf_jax.models.qwen_vl.kv_cache import K_AXES
 from rrvf_jax.rollout import Sampler, SamplingParams
+from rrvf_jax.testing.prompts import feedback_turn, image_prompt, random_image
 
 # The tiny tokenizer's vocabulary (1191) does not divide by the tensor axis: keep vocab replicated.
 RULES = tuple((k, None if k in ("vocab", "act_vocab") else v) for k, v in sharding.FSDP_TP)

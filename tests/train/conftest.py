@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from train_sizes import MAX_LENGTH
 
 from rrvf_jax.processing import image
 from rrvf_jax.testing import checkpoints
@@ -42,9 +43,6 @@ def examples():
     }
     for i in range(8)
   ]
-
-
-MAX_LENGTH = 96
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-from conftest import MAX_LENGTH
 from flax import nnx
+from train_sizes import MAX_LENGTH
 
 from rrvf_jax.env import parsing
 from rrvf_jax.models.qwen_vl import QwenVL

@@ -9,8 +9,8 @@ import functools
 import jax
 import numpy as np
 import pytest
-from conftest import MAX_LENGTH
 from flax import nnx
+from train_sizes import MAX_LENGTH
 
 from rrvf_jax import sharding
 from rrvf_jax.models.qwen_vl import QwenVL
