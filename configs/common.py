@@ -131,8 +131,8 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.image.height = 224
   c.data.complexity = "simple"
   c.data.num_train = 256
-  c.data.num_test = 16
-  c.sft.steps = 600
+  c.data.num_test = 32
+  c.sft.steps = 300
   c.sft.batch_size = 8
   c.sft.micro_batches = 1
   c.sft.max_length = 512
@@ -145,19 +145,22 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.answer_check.num_examples = 16
   c.answer_check.batch_size = 8
   c.answer_check.max_new_tokens = 96
-  c.grpo.steps = 40
-  c.eval.benchmark = ""  # the held-out synthetic charts, scored with ChartMimic's metrics
-  c.eval.max_items = 16
-  c.eval.batch_size = 8
-  c.eval.max_new_tokens = 96
+  # A short cold start leaves room for RL: greedy held-out exec rate is ~10% after 300 SFT steps
+  # (~90% after 600); GRPO at temperature 0.7 then has rewards that differ within groups.
+  c.grpo.steps = 80
   c.grpo.prompts_per_step = 4
   c.grpo.group_size = 4
   c.grpo.max_turns = 2
   c.grpo.max_new_tokens = 96
   c.grpo.max_total_tokens = 1024
-  c.grpo.learning_rate = 3e-4
+  c.grpo.learning_rate = 1e-4
+  c.grpo.temperature = 0.7
   c.grpo.epochs = 2
   c.grpo.micro_batches = 1
   c.grpo.remat = "none"
   c.grpo.images_every = 10
-  c.grpo.eval_examples = 16
+  c.grpo.eval_examples = 32
+  c.eval.benchmark = ""  # the held-out synthetic charts, scored with ChartMimic's metrics
+  c.eval.max_items = 16
+  c.eval.batch_size = 8
+  c.eval.max_new_tokens = 96

@@ -26,5 +26,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.image.width = 224
     config.image.height = 224
     config.sft.steps = 150  # Fewer steps than charts: the web demo only has to run end to end.
+    config.grpo.steps = 10
     config.sft.max_length = 512  # HTML is longer than the demo's chart programs.
   return config

@@ -195,3 +195,23 @@ def test_judge_many_keeps_order(judge, chart):
 def test_weights_are_validated():
   with pytest.raises(ValueError):
     LocalJudge(weights=(("structure", 1.0),))
+
+
+def test_perfect_renders_score_at_most_one_and_make_a_valid_reward(judge):
+  """Regression: a perfect render's weighted score rounded to 1.0000000000000002 and the reward
+  (EpisodeSummary) rejected it, crashing a GRPO step."""
+  from rrvf_jax.env import reward
+
+  rng = np.random.default_rng(0)
+  images = [np.full((56, 56, 3), 255, np.uint8), rng.integers(0, 255, (56, 56, 3), np.uint8)]
+  for side in (56, 224, 336):
+    fig, ax = plt.subplots(figsize=(side / 100, side / 100), dpi=100)
+    ax.bar(["a", "b", "c"], [3, 1, 2], color="tab:blue")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    images.append(np.asarray(Image.open(buf).convert("RGB")))
+  for img in images:
+    score = judge.judge(img, img).score
+    assert 0.0 <= score <= 1.0
+    reward.EpisodeSummary(turns=(), final_render_status="ok", final_score=score)

@@ -627,7 +627,9 @@ class LocalJudge(Judge):
     t, blank = self._target(target)
     r = _features(render, t.gray.shape, t.text.shape, self.config)
     aspects = _rescale(_raw_aspects(t, r, self.config), blank)
-    score = float(sum(self._weights[k] * aspects[k] for k in ASPECTS))
+    # Clamped: the weighted sum of aspects in [0, 1] can round to just above 1 (1.0000000000000002
+    # for a perfect render), which the reward rejects.
+    score = min(1.0, max(0.0, float(sum(self._weights[k] * aspects[k] for k in ASPECTS))))
     with self._lock:
       self._counts["requests"] += 1
     return JudgeResult(
