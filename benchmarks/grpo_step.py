@@ -35,6 +35,7 @@ from rrvf_jax.rollout.sampling import SamplingParams
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing import tokenizer as tiny_tokenizer
 from rrvf_jax.testing.scripted import TextScriptedSampler, answer, call
+from rrvf_jax.train import batch as batch_lib
 from rrvf_jax.train import grpo, optim, step
 from rrvf_jax.train import state as state_lib
 
@@ -113,7 +114,10 @@ def main():
     chunk_size=512,
     banned_token_ids=grpo.banned_token_ids(tok),
   )
-  train_step = step.make_train_step(graphdef, loss, tx, micro_batches=1, schedule=schedule)
+  micro = 4  # 4 rows per micro-batch, rematerialised: the update fits a CPU host's memory
+  train_step = step.make_train_step(
+    graphdef, loss, tx, micro_batches=micro, remat="full", schedule=schedule
+  )
 
   def update(trajectories):
     rewards = np.asarray([t.reward.total for t in trajectories], np.float32)
@@ -121,14 +125,19 @@ def main():
       algorithms.compute_advantages(algorithms.get_rl_config("grpo"), rewards, args.group)
     )
     longest = max(t.length for t in trajectories)
-    batch = grpo.make_grpo_batch(
-      cfg,
-      trajectories,
-      adv,
-      length=-(-longest // 256) * 256,
-      images_per_row=3,
-      pad_id=tokens.special_token_ids(tok).pad_token_id,
-    )
+    size = len(trajectories) // micro
+    parts = [
+      grpo.make_grpo_batch(
+        cfg,
+        trajectories[i * size : (i + 1) * size],
+        adv[i * size : (i + 1) * size],
+        length=-(-longest // 256) * 256,
+        images_per_row=3,
+        pad_id=tokens.special_token_ids(tok).pad_token_id,
+      )
+      for i in range(micro)
+    ]
+    batch = batch_lib.stack_micro_batches(parts)
     nonlocal state
     start = time.perf_counter()
     state, m = train_step(state, batch)
