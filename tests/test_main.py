@@ -132,11 +132,19 @@ def test_grpo_stage_logs_what_it_did(tmp_path, data_dir):
 
 
 def test_web_demo_runs_end_to_end(tmp_path, data_dir):
-  config = small_config(web, data_dir)
+  """SFT, a GRPO step with Chromium renders, the answer check and the WebSight-metric eval."""
+  config = small_config(web, data_dir, [*SMALL[:-2], *GRPO_SMALL[1:]])
   config.sft.steps = 4
+  config.grpo.steps = 1
+  config.grpo.eval_examples = 0
+  config.answer_check.num_examples = 2
+  config.eval.max_items = 2
+  config.eval.max_new_tokens = 16
   summary = pipeline.run(config, str(tmp_path))
   assert summary["sft"]["steps"] == 4
-  assert summary["answer_check"]["items"] == 4
+  assert [r["step"] for r in metrics.read_jsonl(tmp_path / "grpo" / "metrics.jsonl")] == [1]
+  assert summary["answer_check"]["items"] == 2
+  assert summary["eval"]["benchmark"] == "websight" and summary["eval"]["n_items"] == 2
 
 
 def _wait_for_step(path, step: int, proc, timeout: float = 300.0) -> None:
