@@ -1,8 +1,9 @@
 """The run pipeline behind `rrvf_jax.main`: the stages a config asks for, in order.
 
-Stages (each skipped when its size is 0): cold-start SFT (`sft.steps`), then the held-out answer
-check (`answer_check.num_examples`: greedy answers, rendered and scored), then the HF export of the
-policy (`checkpoint.export_hf`). GRPO and benchmark evaluation are later issues, not implemented.
+Stages (each skipped when its size is 0 or it is disabled): cold-start SFT (`sft.steps`), RRVF
+GRPO (`grpo.steps`, with greedy held-out episodes before and after it), the held-out answer check
+(`answer_check.num_examples`), the HF export (`checkpoint.export_hf`) and the benchmark evaluation
+(`eval.enabled`). Each training stage resumes from its own checkpoints when the command is re-run.
 """
 
 from __future__ import annotations
@@ -443,7 +444,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _sft_summary(workdir: str) -> dict:
   """First and last logged SFT loss (from the stage's metrics.jsonl)."""
-  records = [r for r in metrics.read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))]
+  records = metrics.read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))
   losses = [(r["step"], r["sft/loss"]) for r in records if "sft/loss" in r]
   if not losses:
     return {}
