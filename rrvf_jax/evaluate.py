@@ -15,13 +15,14 @@ Settings come from the flags, else from the config's `eval` section when it has 
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from rrvf_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file, with an optional :preset.", lock_config=True
@@ -55,41 +56,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 NAME = "rrvf_jax.evaluate"
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops INFO records of Orbax; its warnings still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
-def _one_line(error: BaseException) -> str:
-  """An error message on one line (as rrvf_jax.main prints them)."""
-  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-  return " ".join(str(text).split())
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing where a config typo or bad override is one clear line, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"{NAME}: error: {_one_line(e)}\nPass --help for the flags.")
-  except (KeyError, AttributeError, TypeError, ValueError) as e:  # Raised by config overrides.
-    sys.exit(f"{NAME}: config error: {_one_line(e)}")
-
-
 def main(argv):
   """Validates the config, evaluates, prints the table; bad input exits with one line."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
   from rrvf_jax import checkpoint, pipeline
   from rrvf_jax.eval import stage
 
   try:
     pipeline.validate_config(_CONFIG.value)
   except ValueError as e:
-    sys.exit(f"{NAME}: config error: {_one_line(e)}")
+    sys.exit(f"{NAME}: config error: {cli.one_line(e)}")
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     agg, out_dir = stage.run(
@@ -110,9 +88,9 @@ def main(argv):
     trace = os.path.join(workdir, "evaluate_error.txt")
     with open(trace, "w") as f:
       traceback.print_exc(file=f)
-    sys.exit(f"{NAME}: error: {_one_line(e)} (traceback: {trace})")
+    sys.exit(f"{NAME}: error: {cli.one_line(e)} (traceback: {trace})")
   print(stage.format_table(agg, out_dir))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(NAME))

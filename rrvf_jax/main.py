@@ -1,12 +1,13 @@
 """Entry point: `python -m rrvf_jax.main --config=configs/chart.py[:demo] --workdir=DIR`."""
 
-import logging as std_logging
 import os
 import sys
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from rrvf_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file, with an optional :preset.", lock_config=True
@@ -15,34 +16,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops INFO records of Orbax (several lines per checkpoint); its warnings still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
-def _one_line(error: BaseException) -> str:
-  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-  return " ".join(str(text).split())
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing where a config typo or bad override is one clear line, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"rrvf_jax.main: error: {_one_line(e)}\nPass --help for the flags.")
-  except (KeyError, AttributeError, TypeError, ValueError) as e:  # Raised by config overrides.
-    sys.exit(f"rrvf_jax.main: config error: {_one_line(e)}")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # after flag parsing, so --help stays fast.
 
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
 
   from rrvf_jax import checkpoint, pipeline
   from rrvf_jax.train import sft_loop
@@ -57,7 +36,7 @@ def main(argv):
   try:
     pipeline.validate_config(_CONFIG.value)
   except ValueError as e:
-    sys.exit(f"rrvf_jax.main: config error: {_one_line(e)}")
+    sys.exit(f"rrvf_jax.main: config error: {cli.one_line(e)}")
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     summary = pipeline.run(_CONFIG.value, workdir)
@@ -70,9 +49,9 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     with open(trace, "w") as f:
       traceback.print_exc(file=f)
-    sys.exit(f"rrvf_jax.main: error: {_one_line(e)} (traceback: {trace})")
+    sys.exit(f"rrvf_jax.main: error: {cli.one_line(e)} (traceback: {trace})")
   pipeline.print_summary(summary)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser("rrvf_jax.main"))
