@@ -929,6 +929,35 @@ class PolicyBatch:
   old_logprobs: Any
 
 
+def token_arrays(
+  trajectories: Sequence[Trajectory], length: int, pad_id: int
+) -> tuple[np.ndarray, ...]:
+  """(ids, attention mask, targets, loss mask, old log-probs), each `[B, length]`, right-padded.
+
+  Shifted for next-token training: position t's target is token t + 1, and its loss mask and old
+  log-prob are that token's.
+  """
+  batch = len(trajectories)
+  ids = np.full((batch, length), pad_id, np.int32)
+  attention = np.zeros((batch, length), np.int32)
+  targets = np.full((batch, length), pad_id, np.int32)
+  loss_mask = np.zeros((batch, length), np.float32)
+  old = np.zeros((batch, length), np.float32)
+  for i, t in enumerate(trajectories):
+    n = t.length
+    if n > length:
+      raise ValueError(
+        f"trajectory {i} (prompt {t.prompt_index}, sample {t.group_index}) has {n} tokens, more "
+        f"than the batch length {length}"
+      )
+    ids[i, :n] = t.token_ids
+    attention[i, :n] = 1
+    targets[i, : n - 1] = t.token_ids[1:]
+    loss_mask[i, : n - 1] = t.loss_mask[1:]
+    old[i, : n - 1] = t.old_logprobs[1:]
+  return ids, attention, targets, loss_mask, old
+
+
 def to_model_inputs(
   cfg: ModelConfig, trajectories: Sequence[Trajectory], length: int, *, pad_id: int = 0
 ) -> PolicyBatch:
@@ -942,28 +971,9 @@ def to_model_inputs(
     raise ValueError("to_model_inputs needs at least one trajectory")
   if pad_id == cfg.image_token_id:
     raise ValueError(f"pad_id {pad_id} is the image token id")
-  batch = len(trajectories)
-  ids = np.full((batch, length), pad_id, np.int32)
-  attention = np.zeros((batch, length), np.int32)
-  targets = np.full((batch, length), pad_id, np.int32)
-  loss_mask = np.zeros((batch, length), np.float32)
-  old = np.zeros((batch, length), np.float32)
-  pixels, grids = [], []
-  for i, t in enumerate(trajectories):
-    n = t.length
-    if n > length:
-      raise ValueError(
-        f"trajectory {i} (prompt {t.prompt_index}, sample {t.group_index}) has {n} tokens, more "
-        f"than length={length}"
-      )
-    ids[i, :n] = t.token_ids
-    attention[i, :n] = 1
-    targets[i, : n - 1] = t.token_ids[1:]
-    loss_mask[i, : n - 1] = t.loss_mask[1:]
-    old[i, : n - 1] = t.old_logprobs[1:]
-    for p, g in t.images:
-      pixels.append(np.asarray(p))
-      grids.append(np.asarray(g).reshape(-1, 3))
+  ids, attention, targets, loss_mask, old = token_arrays(trajectories, length, pad_id)
+  pixels = [np.asarray(p) for t in trajectories for p, _ in t.images]
+  grids = [np.asarray(g).reshape(-1, 3) for t in trajectories for _, g in t.images]
   inputs = prepare_inputs(
     cfg,
     ids,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,6 @@ from absl import logging
 from flax import nnx
 
 from rrvf_jax import checkpoint, env, metrics
-from rrvf_jax import data as data_lib
 from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask
@@ -89,24 +87,13 @@ def make_grpo_batch(
   `loss_mask_rows` `[B]` (optional) zeroes whole rows (overlong filtering, filler groups).
   """
   rows = len(trajectories)
-  ids = np.full((rows, length), pad_id, np.int32)
-  mask = np.zeros((rows, length), np.int32)
-  targets = np.full((rows, length), pad_id, np.int32)
-  loss_mask = np.zeros((rows, length), np.float32)
-  old = np.zeros((rows, length), np.float32)
+  ids, mask, targets, loss_mask, old = episode.token_arrays(trajectories, length, pad_id)
+  if loss_mask_rows is not None:
+    loss_mask *= np.asarray(loss_mask_rows, np.float32)[:, None]
   pixels, grids = [], []
   for b, t in enumerate(trajectories):
-    n = t.length
-    if n > length:
-      raise ValueError(f"trajectory {b} has {n} tokens, more than the batch length {length}")
     if len(t.images) > images_per_row:
       raise ValueError(f"trajectory {b} shows {len(t.images)} images, more than {images_per_row}")
-    ids[b, :n] = t.token_ids
-    mask[b, :n] = 1
-    targets[b, : n - 1] = t.token_ids[1:]
-    keep = 1.0 if loss_mask_rows is None else float(loss_mask_rows[b])
-    loss_mask[b, : n - 1] = t.loss_mask[1:] * keep
-    old[b, : n - 1] = t.old_logprobs[1:]
     for px, grid in t.images:
       pixels.append(np.asarray(px, np.float32))
       grids.append(np.asarray(grid).reshape(1, 3))
@@ -353,6 +340,10 @@ class _Trainer:
       banned_token_ids=banned_token_ids(stage.tokenizer),
     )
     self.logprobs = jax.jit(lambda params, batch: logprobs(nnx.merge(graphdef, params), batch))
+    # Micro-batch-stacked batches: one compiled map, not a fresh trace of `lax.map` per step.
+    self.stacked_logprobs = jax.jit(
+      lambda params, batch: jax.lax.map(lambda b: logprobs(nnx.merge(graphdef, params), b), batch)
+    )
 
   def batch(self, trajectories, advantages, keep) -> GRPOBatch:
     """The (micro-batch-stacked) host batch of some rows, at a bucketed length."""
@@ -384,20 +375,8 @@ def run(stage: sft_loop.Stage, source, model: nnx.Module, environment: Environme
   rl_cfg = rl_config(c)
   tx, schedule = make_optimizer(c)
   prompts = c.prompts_per_step * (2 if rl_cfg.dynamic_sampling else 1)
-  iterator = data_lib.BatchIterator(
-    source,
-    prompts,
-    seed=stage.config.seed + 1,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  stage_dir = os.path.join(stage.workdir, "grpo")
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(stage_dir, "checkpoints"),
-    save_every=stage.config.checkpoint.save_every,
-    keep=stage.config.checkpoint.keep,
-    config=stage.config,
-    fingerprint_ignore=RESUMABLE_KEYS,
+  stage_dir, iterator, ckpt = sft_loop.open_stage(
+    stage, "grpo", source, prompts, seed=stage.config.seed + 1, resumable_keys=RESUMABLE_KEYS
   )
   try:
     graphdef, abstract = state_lib.abstract_train_state(
@@ -537,4 +516,4 @@ def _logprobs(trainer: _Trainer, params, batch: GRPOBatch):
   """Log-probs of a (possibly micro-batch-stacked) batch under `params`."""
   if trainer.micro_batches == 1:
     return trainer.logprobs(params, batch)
-  return jax.lax.map(lambda b: trainer.logprobs(params, b), batch)
+  return trainer.stacked_logprobs(params, batch)

@@ -82,6 +82,26 @@ def make_optimizer(c: ml_collections.ConfigDict):
   )
 
 
+def open_stage(stage: Stage, name: str, source, batch_size: int, *, seed: int, resumable_keys):
+  """(WORKDIR/name, this host's batch iterator, the stage's checkpointer) of a training stage."""
+  iterator = data_lib.BatchIterator(
+    source,
+    batch_size,
+    seed=seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  stage_dir = os.path.join(stage.workdir, name)
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(stage_dir, "checkpoints"),
+    save_every=stage.config.checkpoint.save_every,
+    keep=stage.config.checkpoint.keep,
+    config=stage.config,
+    fingerprint_ignore=resumable_keys,
+  )
+  return stage_dir, iterator, ckpt
+
+
 def decoded_examples(raw: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Dataset records with the PNG decoded (a corrupt image raises a ValueError naming it)."""
   return [
@@ -94,20 +114,8 @@ def run(stage: Stage, source: data_lib.ExampleSource) -> nnx.Module:
   """Trains to `sft.steps` (resuming from a checkpoint if there is one); returns the policy."""
   c = stage.config.sft
   tx, schedule = make_optimizer(c)
-  iterator = data_lib.BatchIterator(
-    source,
-    c.batch_size,
-    seed=stage.config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  stage_dir = os.path.join(stage.workdir, "sft")
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(stage_dir, "checkpoints"),
-    save_every=stage.config.checkpoint.save_every,
-    keep=stage.config.checkpoint.keep,
-    config=stage.config,
-    fingerprint_ignore=RESUMABLE_KEYS,
+  stage_dir, iterator, ckpt = open_stage(
+    stage, "sft", source, c.batch_size, seed=stage.config.seed, resumable_keys=RESUMABLE_KEYS
   )
   try:
     graphdef, state, start = _initial_state(stage, tx, ckpt, iterator)
