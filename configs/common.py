@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1  # Tensor-parallel axis size (heads, MLP, vocabulary).
   c.mesh.rules = "fsdp_tp"  # Logical-axis rules preset of rrvf_jax.sharding (fsdp_tp, replicated).
 
+  c.roles = ml_collections.ConfigDict()
+  c.roles.sampler_devices = 0  # Per-host devices used only by the sampler (0: share the trainer's).
+  c.roles.sampler_tensor = 1  # Tensor-parallel size of each host's sampler mesh.
+
   c.data = ml_collections.ConfigDict()
   c.data.name = "rrvf_coldstart"  # Dataset: synthetic_charts, synthetic_web, rrvf_coldstart, ...
   c.data.data_dir = ""  # Where built datasets live; "" means WORKDIR/data.

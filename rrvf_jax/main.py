@@ -23,9 +23,14 @@ def main(argv):
 
   logging.get_absl_handler().addFilter(cli.QuietLibraries())
 
-  from rrvf_jax import checkpoint, pipeline
+  from rrvf_jax import checkpoint, pipeline, sharding
   from rrvf_jax.train import sft_loop
 
+  try:
+    # Before anything touches a JAX backend (process_index below does): JAX requires it.
+    sharding.maybe_initialize_distributed()
+  except ValueError as e:
+    sys.exit(f"rrvf_jax.main: distributed set-up error: {cli.one_line(e)}")
   logging.info(
     "JAX %s, process %d of %d, devices: %s",
     jax.__version__,

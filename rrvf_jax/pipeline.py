@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rrvf_jax import checkpoint, env, metrics, rollout, sharding
+from rrvf_jax import checkpoint, env, metrics, roles, rollout, sharding
 from rrvf_jax import data as data_lib
 from rrvf_jax.models import qwen_vl
 from rrvf_jax.processing import chat, image, tokens
@@ -29,6 +29,7 @@ from rrvf_jax.rollout import answer_check
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing import tokenizer as tiny_tokenizer
 from rrvf_jax.train import grpo, optim, sft, sft_loop
+from rrvf_jax.train import state as state_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("chart", "web")
@@ -96,6 +97,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(
       bool(config.judge.base_url and config.judge.model), "judge", "openai needs base_url, model"
     )
+  _check(config.roles.sampler_devices >= 0, "roles.sampler_devices", "must be >= 0")
+  _check(config.roles.sampler_tensor > 0, "roles.sampler_tensor", "must be positive")
   _check(config.checkpoint.save_every > 0, "checkpoint.save_every", "must be positive")
   _check(config.checkpoint.keep > 0, "checkpoint.keep", "must be positive")
   a = config.answer_check
@@ -277,8 +280,20 @@ def reward_config(config: ml_collections.ConfigDict) -> env.RewardConfig:
 # Stages.
 
 
+def on_sampler_mesh(stage: sft_loop.Stage, model: nnx.Module) -> nnx.Module:
+  """The policy with its weights placed for this host's sampler (`roles.transfer`)."""
+  graphdef, params = state_lib.split_params(model)
+  placement = roles.Roles(stage.mesh, stage.sampler_mesh or stage.mesh)
+  shardings = roles.sampler_shardings(params, placement.sampler_mesh, stage.rules)
+  return nnx.merge(graphdef, roles.transfer(params, placement, shardings))
+
+
 def run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules) -> dict:
-  """Greedy answers on held-out examples, rendered and scored; writes answer_check.json."""
+  """Greedy answers on held-out examples, rendered and scored; writes answer_check.json.
+
+  `model` and `mesh` are the sampler's (see `on_sampler_mesh`): every host answers every example
+  on its own devices; process 0 writes the files.
+  """
   a = config.answer_check
   source = dataset(config, workdir, config.data.eval_split)
   n = min(a.num_examples, len(source))
@@ -348,9 +363,8 @@ def run_grpo(config, workdir, stage: sft_loop.Stage, model) -> tuple[nnx.Module,
     held_out = sft_loop.decoded_examples([source[i] for i in range(n)])
 
   def evaluate(policy) -> dict:
-    sampler = rollout.Sampler(
-      policy, stage.tokenizer, cache_length=g.max_total_tokens, mesh=stage.mesh, rules=stage.rules
-    )
+    graphdef, params = state_lib.split_params(policy)
+    sampler, _ = grpo.make_sampler(stage, graphdef, params, cache_length=g.max_total_tokens)
     # Batches of the training rollout's row count: a shape that divides the mesh's batch axes.
     batch = g.prompts_per_step * g.group_size
     return grpo.evaluate(stage, sampler, environment, held_out, batch_size=batch)
@@ -390,13 +404,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  mesh = sharding.mesh_from_config({k: config.mesh[k] for k in ("data", "fsdp", "tensor")})
+  placement = roles.make_roles(
+    {k: config.mesh[k] for k in ("data", "fsdp", "tensor")},
+    sampler_devices=config.roles.sampler_devices,
+    sampler_tensor=config.roles.sampler_tensor,
+  )
+  mesh = placement.trainer_mesh
   rules = sharding.get_rules(config.mesh.rules)
   tok_dir = tokenizer_dir(config, workdir)
   tok = tokens.load_tokenizer(tok_dir)
   model_cfg = policy_config(config, tok)
   proc_cfg = image_processor_config(config)
-  summary: dict = {"task": config.task, "devices": len(jax.devices()), "mesh": dict(mesh.shape)}
+  summary: dict = {
+    "task": config.task,
+    "devices": len(jax.devices()),
+    "processes": jax.process_count(),
+    "mesh": dict(mesh.shape),
+    "sampler_mesh": dict(placement.sampler_mesh.shape),
+  }
   model = None
   stage = sft_loop.Stage(
     config=config,
@@ -411,6 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     instruction=INSTRUCTIONS[config.task],
     system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
     tools=tuple(env.tool_schemas(config.task)),
+    sampler_mesh=placement.sampler_mesh,
   )
   if config.sft.steps > 0:
     t = time.perf_counter()
@@ -424,10 +450,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.grpo.steps > 0:
     model, summary["grpo"] = run_grpo(config, workdir, stage, model)
   if config.answer_check.num_examples > 0:
-    summary["answer_check"] = run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules)
+    summary["answer_check"] = run_answer_check(
+      config, workdir, on_sampler_mesh(stage, model), tok, proc_cfg, placement.sampler_mesh, rules
+    )
   if config.checkpoint.export_hf and (config.sft.steps > 0 or config.grpo.steps > 0):
     export = os.path.join(workdir, "export")
-    checkpoint.export_hf(model, export, copy_from=tok_dir)
+    graphdef, params = state_lib.split_params(model)
+    # Weights sharded across hosts are gathered first: process 0 writes the files.
+    readable = nnx.merge(graphdef, roles.fully_replicated_local(params))
+    checkpoint.export_hf(readable, export, copy_from=tok_dir)
     if jax.process_index() == 0:
       with open(os.path.join(export, "preprocessor_config.json"), "w") as f:
         json.dump(proc_cfg.to_dict(), f, indent=2)

@@ -91,7 +91,7 @@ def run(
   import jax
   from flax import nnx
 
-  from rrvf_jax import pipeline, sharding
+  from rrvf_jax import pipeline, roles, sharding
   from rrvf_jax.eval import run as eval_run
   from rrvf_jax.processing import chat, tokens
 
@@ -104,7 +104,12 @@ def run(
   if config.task != task:
     raise ValueError(f"benchmark {benchmark} is a {task} task but config.task is {config.task!r}")
   sharding.maybe_initialize_distributed()
-  mesh = sharding.mesh_from_config({k: config.mesh[k] for k in ("data", "fsdp", "tensor")})
+  if jax.process_count() > 1:
+    # Generation runs host-side loops over every row: each host evaluates on its own devices
+    # (the same items, deterministically); process 0 writes the report.
+    mesh = roles.local_mesh(jax.local_devices())
+  else:
+    mesh = sharding.mesh_from_config({k: config.mesh[k] for k in ("data", "fsdp", "tensor")})
   rules = sharding.get_rules(config.mesh.rules)
   source = pipeline.dataset(config, workdir, split)  # built from data.manual_dir if missing
   tok = tokens.load_tokenizer(pipeline.tokenizer_dir(config, workdir))

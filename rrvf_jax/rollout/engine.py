@@ -125,13 +125,16 @@ def decode(
   stop_table: jax.Array | None,
   params: sampling.SamplingParams,
   pad_id: int,
+  first_row: jax.Array | int = 0,
 ) -> tuple[SequenceState, DecodeOutput]:
   """Samples up to `params.max_new_tokens` per active row; token t goes to slot `offset + t`.
 
   Every sampled token (the stop token too) is run through the model and written to the cache, so
-  the state is ready for the next appended turn. Stops early when every row is done.
+  the state is ready for the next appended turn. Stops early when every row is done. Row b draws
+  with its own key (row id `first_row + b`), so splitting a batch over hosts changes no sample.
   """
   batch = active.shape[0]
+  row_ids = first_row + jnp.arange(batch, dtype=jnp.int32)
   budget = params.max_new_tokens
   stop_ids = jnp.asarray(params.stop_token_ids or (-1,), jnp.int32)
   width = 1 if stop_table is None else stop_table.shape[1]
@@ -141,7 +144,7 @@ def decode(
 
   def body(loop: _Loop) -> _Loop:
     key, sub = jax.random.split(loop.key)
-    token, logprob = sampling.sample(loop.state.last_logits, sub, params)
+    token, logprob = sampling.sample(loop.state.last_logits, sub, params, row_ids)
     live = ~loop.done
     token = jnp.where(live, token, pad_id)
     logprob = jnp.where(live, logprob, 0.0)

@@ -515,6 +515,7 @@ def run_episodes(
   force_answer_prompt: str = DEFAULT_FORCE_ANSWER_PROMPT,
   host_workers: int = 8,
   max_error_chars: int = 1500,
+  first_row: int = 0,
 ) -> EpisodeBatch:
   """Plays `group_size` episodes per target image and returns token-exact, rewarded trajectories.
 
@@ -539,6 +540,9 @@ def run_episodes(
     force_answer_prompt: the user turn that asks for the final answer.
     host_workers: threads that judge and preprocess renders.
     max_error_chars: render error text longer than this is cut in the middle.
+    first_row: the global id of this call's first row (multi-host: this host's offset). Row b
+      samples with its own key, `fold_in(fold_in(key, turn), first_row + b)`, so the samples do not
+      depend on how the rows are split over hosts.
 
   Returns:
     An `EpisodeBatch` of `len(targets) * group_size` trajectories and the call's `EpisodeStats`.
@@ -601,7 +605,7 @@ def run_episodes(
       active = np.array([r.state != "done" for r in rows])
       turn_key = jax.random.fold_in(key, turn)
       session, completions = driver.timed(
-        sampler.generate, session, sampling, turn_key, active=active
+        sampler.generate, session, sampling, turn_key, active=active, first_row=first_row
       )
       stats.decode_calls += 1
       for row, completion in zip(rows, completions, strict=True):

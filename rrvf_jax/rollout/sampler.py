@@ -145,11 +145,11 @@ class Sampler:
     model = engine.merge(self.graphdef, params)
     return engine.append(model, state, input_ids, mask, positions, features, offset)
 
-  def _decode(self, params, state, offset, key, active, stop_table, *, sampling_params):
+  def _decode(self, params, state, offset, key, active, stop_table, first_row, *, sampling_params):
     self.stats.traces["decode"] += 1
     model = engine.merge(self.graphdef, params)
     return engine.decode(
-      model, state, offset, key, active, stop_table, sampling_params, self.pad_id
+      model, state, offset, key, active, stop_table, sampling_params, self.pad_id, first_row
     )
 
   def _encode(self, params, pixel_values, vision_index):
@@ -284,8 +284,13 @@ class Sampler:
     params: sampling.SamplingParams,
     key: jax.Array,
     active: Sequence[bool] | np.ndarray | None = None,
+    first_row: int = 0,
   ) -> tuple[Session, list[Completion]]:
-    """Decodes the next turn of every active row; returns the updated session and completions."""
+    """Decodes the next turn of every active row; returns the updated session and completions.
+
+    Row b samples with the key `fold_in(key, first_row + b)`: give each host's rows their global
+    ids and a multi-host batch samples what one host sampling every row would.
+    """
     batch = session.batch_size
     self._check_room(session.offset + params.max_new_tokens, "decoding")
     active_arr = np.ones((batch,), bool) if active is None else np.asarray(active, bool)
@@ -299,6 +304,7 @@ class Sampler:
       key,
       active_arr,
       self.stop_table(params.stop_strings),
+      np.int32(first_row),
       sampling_params=params,
     )
     out = jax.device_get(out)

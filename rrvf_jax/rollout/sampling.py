@@ -87,14 +87,25 @@ def _restrict(log_probs_bv: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 
 def sample(
-  logits_bv: jax.Array, key: jax.Array, params: SamplingParams
+  logits_bv: jax.Array,
+  key: jax.Array,
+  params: SamplingParams,
+  row_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Draws one token per row; returns `(tokens [B] int32, log-probs [B] float32)`."""
+  """Draws one token per row; returns `(tokens [B] int32, log-probs [B] float32)`.
+
+  With `row_ids` `[B]`, row b draws with `fold_in(key, row_ids[b])`: a row's sample then depends
+  on its id only, not on which other rows share the batch (or the host, or the device).
+  """
   log_probs = scaled_log_probs(logits_bv, params.temperature, params.banned_token_ids)
   if params.temperature == 0:
     tokens = jnp.argmax(log_probs, axis=-1)
-  else:
+  elif row_ids is None:
     tokens = jax.random.categorical(key, _restrict(log_probs, params.top_k, params.top_p), axis=-1)
+  else:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
+    restricted = _restrict(log_probs, params.top_k, params.top_p)
+    tokens = jax.vmap(jax.random.categorical)(keys, restricted)
   tokens = tokens.astype(jnp.int32)
   return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
 

@@ -53,7 +53,7 @@ class TextScriptedSampler(Sampler):
     self.sampled = [[] for _ in self.received]
     return super().fork(session, group_size)
 
-  def generate(self, session, params, key, active=None):
+  def generate(self, session, params, key, active=None, first_row=0):
     session, completions = super().generate(session, params, key, active)
     out = []
     for r, c in enumerate(completions):

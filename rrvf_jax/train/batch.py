@@ -115,3 +115,55 @@ def shard_batch(
 ) -> Any:
   """Puts a (single-host, global) batch on the mesh with `batch_shardings`."""
   return jax.device_put(batch, batch_shardings(batch, mesh, rules, micro_batches=micro_batches))
+
+
+def _global_shapes(batch: Any, hosts: int, lead: int) -> Any:
+  """ShapeDtypeStructs of the global batch whose host shares are `batch` (batch axes x hosts)."""
+
+  def grow(x: Any, axis: int) -> jax.ShapeDtypeStruct:
+    shape = list(np.shape(x))
+    shape[axis] *= hosts
+    return jax.ShapeDtypeStruct(tuple(shape), np.asarray(x).dtype)
+
+  def one(x: Any) -> Any:
+    if not isinstance(x, ModelInputs):
+      return None if x is None else grow(x, lead)
+    same = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), x)
+    return ModelInputs(
+      input_ids=grow(x.input_ids, lead),
+      attention_mask=grow(x.attention_mask, lead),
+      positions=grow(x.positions, lead + 1),
+      pixel_values=None if x.pixel_values is None else grow(x.pixel_values, lead),
+      vision_index=same.vision_index,
+    )
+
+  return jax.tree.map(one, batch, is_leaf=lambda x: isinstance(x, ModelInputs))
+
+
+def host_batch_to_global(
+  batch: Any, mesh: Mesh, rules: sharding_lib.Rules, *, micro_batches: int = 1
+) -> Any:
+  """The global batch on the mesh from this host's share (every host calls it with its own).
+
+  On one host this is `shard_batch`. On several, the global batch is the hosts' shares
+  concatenated along the batch axes in process order (`host_batch_slice`), which needs a mesh
+  whose batch axes run over hosts in process order. Replicated leaves (a `ModelInputs`' vision
+  index) must be the same on every host, so the image layout must not depend on the host: one
+  index per image of a fixed canvas (GRPO), or an index built for the global batch (SFT).
+  """
+  hosts = jax.process_count()
+  if hosts == 1:
+    return shard_batch(batch, mesh, rules, micro_batches=micro_batches)
+  lead = 1 if micro_batches > 1 else 0
+  shapes = _global_shapes(batch, hosts, lead)
+  shardings = batch_shardings(shapes, mesh, rules, micro_batches=micro_batches)
+
+  def place(x: Any, shape: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.Array:
+    if sharding.is_fully_replicated and shape.shape != np.shape(x):
+      raise ValueError(
+        f"a batch leaf of global shape {shape.shape} does not divide over the mesh's batch axes; "
+        "make the per-host batch a multiple of the data-parallel devices per host"
+      )
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x), shape.shape)
+
+  return jax.tree.map(place, batch, shapes, shardings)

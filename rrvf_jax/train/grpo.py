@@ -21,11 +21,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from rrvf_jax import checkpoint, env, metrics
+from rrvf_jax import checkpoint, env, metrics, roles
 from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
-from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask
+from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask, merge_row_image_features
 from rrvf_jax.processing import tokens
 from rrvf_jax.rl import algorithms, dynamic_sampling
 from rrvf_jax.rollout import episode, sampling
@@ -55,8 +56,10 @@ class GRPOBatch:
 
   Attributes:
     inputs: ids, attention mask and M-RoPE positions `[B, L]`; `pixel_values` holds every image
-      slot `[N, P, D]` (N = rows x images per row; unused slots are zeros) and `vision_index` the
-      index of ONE image: all images share the canvas size, so they are encoded one by one.
+      slot `[N, P, D]` (N = rows x images per row: row b's j-th image is slot `b * N / B + j`,
+      unused slots are zeros) and `vision_index` the index of ONE image: all images share the
+      canvas size, so they are encoded one by one. Slots belong to rows, so a batch splits (and
+      shards, and is assembled host by host) along rows like every other field.
     targets: `[B, L]` the next token at each position.
     loss_mask: `[B, L]` float32, 1 where the target is a token the policy sampled.
     old_logprobs: `[B, L]` float32, the sampler's log-probs of those targets.
@@ -90,13 +93,14 @@ def make_grpo_batch(
   ids, mask, targets, loss_mask, old = episode.token_arrays(trajectories, length, pad_id)
   if loss_mask_rows is not None:
     loss_mask *= np.asarray(loss_mask_rows, np.float32)[:, None]
-  pixels, grids = [], []
+  pixels, grids, slot_ids = [], [], []
   for b, t in enumerate(trajectories):
     if len(t.images) > images_per_row:
       raise ValueError(f"trajectory {b} shows {len(t.images)} images, more than {images_per_row}")
-    for px, grid in t.images:
+    for j, (px, grid) in enumerate(t.images):
       pixels.append(np.asarray(px, np.float32))
       grids.append(np.asarray(grid).reshape(1, 3))
+      slot_ids.append(b * images_per_row + j)
   grid = np.concatenate(grids)
   if np.any(grid != grid[0]):
     raise ValueError(
@@ -110,7 +114,7 @@ def make_grpo_batch(
     spatial_merge_size=cfg.vision.spatial_merge_size,
   )
   slots = np.zeros((rows * images_per_row, *pixels[0].shape), np.float32)
-  slots[: len(pixels)] = np.stack(pixels)
+  slots[slot_ids] = np.stack(pixels)
   index = rope.make_vision_index(grid[:1], cfg.vision)
   inputs = ModelInputs(ids, mask, positions, slots, index)
   return GRPOBatch(inputs, targets, loss_mask, old, np.asarray(advantages, np.float32))
@@ -141,8 +145,14 @@ def policy_logprobs(
   features = jax.lax.map(
     lambda px: model.encode_images(px, inputs.vision_index), inputs.pixel_values
   )
-  features = features.reshape(-1, features.shape[-1])
-  embeds = model.embed_with_features(inputs.input_ids, features)
+  rows = inputs.input_ids.shape[0]
+  features = features.reshape(rows, -1, features.shape[-1])  # [B, images per row x tokens, E]
+  embeds = merge_row_image_features(
+    model.text.embed_tokens(inputs.input_ids),
+    inputs.input_ids,
+    features,
+    model.config.image_token_id,
+  )
   hidden = model.text(embeds, inputs.positions, causal_mask(inputs.attention_mask))
   if temperature > 0:
     # The LM head is linear without bias: logits / T == head(hidden / T).
@@ -240,8 +250,10 @@ def sampling_params(stage: sft_loop.Stage, *, greedy: bool = False):
   return dataclasses.replace(params, banned_token_ids=banned_token_ids(stage.tokenizer))
 
 
-def play(stage, sampler, environment, images, *, group_size, params, key) -> episode.EpisodeBatch:
-  """Episodes on target images with the stage's prompts and limits."""
+def play(
+  stage, sampler, environment, images, *, group_size, params, key, first_row: int = 0
+) -> episode.EpisodeBatch:
+  """Episodes on target images with the stage's prompts and limits (row ids from `first_row`)."""
   c = stage.config.grpo
   return episode.run_episodes(
     sampler,
@@ -259,7 +271,42 @@ def play(stage, sampler, environment, images, *, group_size, params, key) -> epi
     system_prompt=stage.system_prompt,
     proc_cfg=stage.proc_cfg,
     reward_config=environment.reward_config,
+    first_row=first_row,
   )
+
+
+def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int):
+  """(sampler on this host's sampler mesh, `update(params)` that gives it the trainer's weights)."""
+  placement = roles.Roles(stage.mesh, stage.sampler_mesh or stage.mesh)
+  shardings = roles.sampler_shardings(params, placement.sampler_mesh, stage.rules)
+
+  def place(new_params):
+    return roles.transfer(new_params, placement, shardings)
+
+  sampler = sampler_lib.Sampler(
+    nnx.merge(graphdef, place(params)),
+    stage.tokenizer,
+    cache_length=cache_length,
+    mesh=placement.sampler_mesh,
+    rules=stage.rules,
+  )
+  return sampler, lambda new_params: sampler.set_params(place(new_params))
+
+
+def mean_over_hosts(values: dict[str, float]) -> dict[str, float]:
+  """Each value averaged over the hosts (every host passes the same keys; equal-sized shares)."""
+  if jax.process_count() == 1:
+    return values
+  keys = sorted(values)
+  gathered = multihost_utils.process_allgather(np.asarray([values[k] for k in keys], np.float64))
+  return dict(zip(keys, np.asarray(gathered).reshape(-1, len(keys)).mean(0).tolist(), strict=True))
+
+
+def max_over_hosts(value: int) -> int:
+  """The largest of the hosts' `value`s (shapes every host must agree on)."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
 def episode_summary(trajectories: Sequence[episode.Trajectory]) -> dict[str, float]:
@@ -344,11 +391,13 @@ class _Trainer:
     self.stacked_logprobs = jax.jit(
       lambda params, batch: jax.lax.map(lambda b: logprobs(nnx.merge(graphdef, params), b), batch)
     )
+    self.mismatch = jax.jit(_mismatch)
 
   def batch(self, trajectories, advantages, keep) -> GRPOBatch:
     """The (micro-batch-stacked) host batch of some rows, at a bucketed length."""
     c = self.stage.config.grpo
-    longest = max(t.length for t in trajectories)
+    # One length on every host: the global batch is assembled from the hosts' shares.
+    longest = max_over_hosts(max(t.length for t in trajectories))
     length = sampler_lib.bucket_length(longest, sampler_lib.DEFAULT_BUCKETS)
     pad_id = tokens.special_token_ids(self.stage.tokenizer).pad_token_id
     parts = []
@@ -369,9 +418,29 @@ class _Trainer:
     return batch_lib.stack_micro_batches(parts)
 
 
+def _check_host_shares(c: ml_collections.ConfigDict, hosts: int) -> None:
+  """Each host plays whole groups and splits its rows into the configured batches."""
+  if c.prompts_per_step % hosts:
+    raise ValueError(
+      f"grpo.prompts_per_step={c.prompts_per_step} must be a multiple of the {hosts} hosts"
+    )
+  rows = c.prompts_per_step // hosts * c.group_size
+  if rows % (c.mini_batches * c.micro_batches):
+    raise ValueError(
+      f"each host's {rows} rollouts must split into grpo.mini_batches={c.mini_batches} x "
+      f"grpo.micro_batches={c.micro_batches}"
+    )
+
+
 def run(stage: sft_loop.Stage, source, model: nnx.Module, environment: Environment) -> nnx.Module:
-  """Trains to `grpo.steps` from `model` (resuming if a checkpoint exists); returns the policy."""
+  """Trains to `grpo.steps` from `model` (resuming if a checkpoint exists); returns the policy.
+
+  Multi-host: each host plays its own share of the prompts on its sampler mesh (with its own
+  renderer and judge), the shares form the global batch of every update, and metrics are means
+  over hosts. A mini-batch is the same slice of every host's share.
+  """
   c = stage.config.grpo
+  _check_host_shares(c, jax.process_count())
   rl_cfg = rl_config(c)
   tx, schedule = make_optimizer(c)
   prompts = c.prompts_per_step * (2 if rl_cfg.dynamic_sampling else 1)
@@ -397,15 +466,21 @@ def run(stage: sft_loop.Stage, source, model: nnx.Module, environment: Environme
       )
       start = 0
     trainer = _Trainer(stage, graphdef, tx, schedule, rl_cfg)
-    sampler = sampler_lib.Sampler(
-      state_lib.merge_model(graphdef, state),
-      stage.tokenizer,
-      cache_length=c.max_total_tokens,
-      mesh=stage.mesh,
-      rules=stage.rules,
+    # Built from the restored (or initial) weights; every step hands it the current ones.
+    sampler, update_sampler = make_sampler(
+      stage, graphdef, state.params, cache_length=c.max_total_tokens
     )
     state = _loop(
-      stage, stage_dir, ckpt, iterator, trainer, sampler, environment, state, start, ref_params
+      stage,
+      stage_dir,
+      ckpt,
+      iterator,
+      trainer,
+      (sampler, update_sampler),
+      environment,
+      state,
+      start,
+      ref_params,
     )
   finally:
     ckpt.close()
@@ -413,11 +488,16 @@ def run(stage: sft_loop.Stage, source, model: nnx.Module, environment: Environme
 
 
 def _loop(
-  stage, stage_dir, ckpt, iterator, trainer, sampler, environment, state, start, ref_params
+  stage, stage_dir, ckpt, iterator, trainer, samplers, environment, state, start, ref_params
 ):
-  """Rollouts -> rewards -> updates, with metrics, checkpoints and SIGTERM."""
+  """Rollouts -> rewards -> updates, with metrics, checkpoints and SIGTERM.
+
+  `samplers`: (the sampler, the function that hands it the trainer's weights).
+  """
   c = stage.config.grpo
   rl_cfg = trainer.rl_cfg
+  sampler, update_sampler = samplers
+  host_prompts = c.prompts_per_step // jax.process_count()
   progress = metrics.ProgressLogger(c.steps, c.log_every, keys=("reward", "exec_rate", "loss"))
   progress.start(start)
   timer = metrics.StageTimer()
@@ -427,7 +507,7 @@ def _loop(
       for i in range(start, c.steps):
         done = i + 1
         examples = sft_loop.decoded_examples(next(iterator))
-        sampler.set_params(state.params)
+        update_sampler(state.params)
         with timer("rollout"):
           played = play(
             stage,
@@ -437,8 +517,9 @@ def _loop(
             group_size=c.group_size,
             params=sampling_params(stage),
             key=jax.random.fold_in(jax.random.key(stage.config.seed), done),
+            first_row=jax.process_index() * len(examples) * c.group_size,
           )
-        trajectories, keep_groups = _select(played.trajectories, rl_cfg, c)
+        trajectories, keep_groups = _select(played.trajectories, rl_cfg, c, host_prompts)
         rewards = np.asarray([t.reward.total for t in trajectories], np.float32)
         lengths = np.asarray([t.num_policy_tokens for t in trajectories])
         shaped = algorithms.shape_rewards(rl_cfg, rewards, lengths)
@@ -452,12 +533,14 @@ def _loop(
           state, update_metrics = _update(
             trainer, state, trajectories, advantages, keep, ref_params
           )
-        scalars = (
+        host_scalars = (
           {f"grpo/{k}": v for k, v in episode_summary(trajectories).items()}
-          | {f"grpo/{k}": v for k, v in update_metrics.items()}
           | played.stats.as_dict("rollout/")
           | timer.scalars()
         )
+        scalars = mean_over_hosts(host_scalars) | {
+          f"grpo/{k}": v for k, v in update_metrics.items()
+        }
         metrics.check_finite(done, loss=update_metrics["loss"])
         if done % c.log_every == 0 or done == c.steps:
           writer.write_scalars(done, scalars)
@@ -469,20 +552,21 @@ def _loop(
           ]
           writer.write_image_pairs(done, pairs, tag="grpo", max_pairs=4)
         last = done == c.steps
-        ckpt.save(done, state, {"data": iterator.get_state()}, force=stop.requested or last)
-        if stop.requested and not last:
+        stopping = stop.should_stop(done)  # a collective: every host agrees
+        ckpt.save(done, state, {"data": iterator.get_state()}, force=stopping or last)
+        if stopping and not last:
           raise sft_loop.Preempted("grpo", done)
     finally:
       stop.uninstall()
   return state
 
 
-def _select(trajectories, rl_cfg, c):
-  """Dynamic sampling: keep `prompts_per_step` groups, preferring groups with unequal rewards."""
+def _select(trajectories, rl_cfg, c, prompts: int):
+  """Dynamic sampling: keep `prompts` groups (this host's), preferring unequal rewards."""
   if not rl_cfg.dynamic_sampling:
     return trajectories, np.ones(len(trajectories) // c.group_size)
   rewards = np.asarray([t.reward.total for t in trajectories])
-  chosen = dynamic_sampling.select_groups(rewards, c.group_size, c.prompts_per_step)
+  chosen = dynamic_sampling.select_groups(rewards, c.group_size, prompts)
   return [trajectories[r] for r in chosen.rows], np.asarray(chosen.informative, np.float64)
 
 
@@ -493,23 +577,33 @@ def _update(trainer: _Trainer, state, trajectories, advantages, keep, ref_params
   batches = []
   for part in _split(len(trajectories), c.mini_batches):
     batch = trainer.batch(trajectories[part], advantages[part], keep[part])
-    batch = batch_lib.shard_batch(batch, stage.mesh, stage.rules, micro_batches=c.micro_batches)
+    batch = batch_lib.host_batch_to_global(
+      batch, stage.mesh, stage.rules, micro_batches=c.micro_batches
+    )
     if ref_params is not None:
       batch = dataclasses.replace(batch, ref_logprobs=_logprobs(trainer, ref_params, batch))
     batches.append(batch)
   # Sampler vs trainer: the same policy should give the same log-probs (ratio 1 before updating).
   recomputed = _logprobs(trainer, state.params, batches[0])
-  mask = np.asarray(batches[0].loss_mask) > 0
-  diff = np.abs(np.asarray(recomputed) - np.asarray(batches[0].old_logprobs))[mask]
+  mismatch_mean, mismatch_max = jax.device_get(
+    trainer.mismatch(recomputed, batches[0].old_logprobs, batches[0].loss_mask)
+  )
   totals: dict[str, float] = {}
   for _ in range(c.epochs):
     for batch in batches:
       state, m = trainer.train_step(state, batch)
       for k, v in jax.device_get(m).items():
         totals[k] = totals.get(k, 0.0) + float(v) / (c.epochs * c.mini_batches)
-  totals["logprob_mismatch_mean"] = float(diff.mean()) if diff.size else 0.0
-  totals["logprob_mismatch_max"] = float(diff.max()) if diff.size else 0.0
+  totals["logprob_mismatch_mean"] = float(mismatch_mean)
+  totals["logprob_mismatch_max"] = float(mismatch_max)
   return state, totals
+
+
+def _mismatch(recomputed, old_logprobs, loss_mask):
+  """(mean, max) |recomputed - sampler| log-prob over the loss tokens (0 when there are none)."""
+  diff = jnp.where(loss_mask > 0, jnp.abs(recomputed - old_logprobs), 0.0)
+  count = jnp.sum(loss_mask > 0)
+  return jnp.sum(diff) / jnp.maximum(count, 1), jnp.max(diff)
 
 
 def _logprobs(trainer: _Trainer, params, batch: GRPOBatch):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.models.qwen_vl.model import ModelInputs, prepare_inputs
 from rrvf_jax.processing import chat, image, tokens
@@ -127,12 +128,15 @@ def make_sft_batch(
   instruction: str = DEFAULT_INSTRUCTION,
   tools: Sequence[Mapping[str, Any]] | None = None,
   micro_batches: int = 1,
+  hosts: int = 1,
 ) -> SFTBatch:
   """A padded SFTBatch (host NumPy) of examples {'image': uint8 HWC array, 'code': str}.
 
   With `micro_batches` M > 1 the examples are split into M equal consecutive groups, each prepared
   on its own and stacked along a leading axis (the layout `make_train_step(micro_batches=M)`
-  takes); the images must then all have one size.
+  takes); the images must then all have one size. With `hosts` H > 1 this is one host's share of
+  a global batch: the vision index is built for the H shares' images (one canvas size), so every
+  host holds the same index (`batch.host_batch_to_global`).
   """
   if not examples:
     raise ValueError("make_sft_batch needs at least one example")
@@ -151,6 +155,7 @@ def make_sft_batch(
       system_prompt=system_prompt,
       instruction=instruction,
       tools=tools,
+      hosts=hosts,
     )
     groups = [examples[i * size : (i + 1) * size] for i in range(micro_batches)]
     return batch_lib.stack_micro_batches([one(g) for g in groups])
@@ -170,7 +175,13 @@ def make_sft_batch(
     patches.append(pixels.pixel_values)
     grids.append(pixels.image_grid_thw)
   ids, mask, targets, loss_mask = (np.stack(col) for col in zip(*rows, strict=True))
-  inputs = prepare_inputs(cfg, ids, mask, np.concatenate(patches), np.concatenate(grids))
+  grid = np.concatenate(grids)
+  inputs = prepare_inputs(cfg, ids, mask, np.concatenate(patches), grid)
+  if hosts > 1:
+    if np.any(grid != grid[0]):
+      raise ValueError("multi-host SFT needs every image at one size (set a fixed image canvas)")
+    index = rope.make_vision_index(np.tile(grid, (hosts, 1)), cfg.vision)
+    inputs = dataclasses.replace(inputs, vision_index=index)
   return SFTBatch(inputs=inputs, targets=targets, loss_mask=loss_mask)
 
 

@@ -67,6 +67,7 @@ class Stage:
   instruction: str
   system_prompt: str | None
   tools: tuple[dict[str, Any], ...] | None = None  # the render tool's schema in the system prompt
+  sampler_mesh: Mesh | None = None  # this host's sampler mesh (None: the trainer's `mesh`)
 
 
 def make_optimizer(c: ml_collections.ConfigDict):
@@ -173,6 +174,7 @@ def _train(stage: Stage, stage_dir: str, ckpt, iterator, train_step, state, star
     instruction=stage.instruction,
     tools=stage.tools,
     micro_batches=c.micro_batches,
+    hosts=jax.process_count(),
   )
   progress = metrics.ProgressLogger(c.steps, c.log_every, keys=("loss", "grad_norm", "lr"))
   progress.start(start)
@@ -183,7 +185,7 @@ def _train(stage: Stage, stage_dir: str, ckpt, iterator, train_step, state, star
       for i in range(start, c.steps):
         with timer("data"):
           batch = make_batch(decoded_examples(next(iterator)))
-          batch = batch_lib.shard_batch(
+          batch = batch_lib.host_batch_to_global(
             batch, stage.mesh, stage.rules, micro_batches=c.micro_batches
           )
         with timer("update"):
@@ -195,8 +197,9 @@ def _train(stage: Stage, stage_dir: str, ckpt, iterator, train_step, state, star
           writer.write_scalars(done, {f"sft/{k}": v for k, v in scalars.items()} | timer.scalars())
           progress.update(done, scalars)
         last = done == c.steps
-        ckpt.save(done, state, {"data": iterator.get_state()}, force=stop.requested or last)
-        if stop.requested and not last:
+        stopping = stop.should_stop(done)  # a collective: every host agrees
+        ckpt.save(done, state, {"data": iterator.get_state()}, force=stopping or last)
+        if stopping and not last:
           raise Preempted("sft", done)
     finally:
       stop.uninstall()

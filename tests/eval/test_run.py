@@ -58,7 +58,7 @@ class Generations:
     self.rows = 0
     original = sampler_lib.Sampler.generate
 
-    def generate(sampler, session, params, key, active=None):
+    def generate(sampler, session, params, key, active=None, first_row=0):
       session, completions = original(sampler, session, params, key, active)
       if script is not None:
         text = script(self.calls)

@@ -90,7 +90,7 @@ class FakeSampler:
     self.sampled = [[] for _ in rows]
     return FakeSession(session.offset, len(rows))
 
-  def generate(self, session, params, key, active=None):
+  def generate(self, session, params, key, active=None, first_row=0):
     del key
     active = np.ones(session.batch_size, bool) if active is None else np.asarray(active)
     self.active_calls.append(active.copy())

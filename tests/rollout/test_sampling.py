@@ -69,3 +69,19 @@ def test_stop_sequences_match_suffixes_only():
 def test_invalid_params_name_the_field(kwargs, message):
   with pytest.raises(ValueError, match=message):
     sampling.SamplingParams(**kwargs)
+
+
+def test_row_keys_make_samples_independent_of_the_batch_split():
+  logits = jax.random.normal(jax.random.key(1), (8, 50))
+  params = sampling.SamplingParams(temperature=1.0, top_k=20)
+  key = jax.random.key(7)
+  whole, whole_lp = sampling.sample(logits, key, params, row_ids=jnp.arange(8))
+  parts = [
+    sampling.sample(logits[i : i + 4], key, params, row_ids=i + jnp.arange(4)) for i in (0, 4)
+  ]
+  np.testing.assert_array_equal(whole, np.concatenate([p[0] for p in parts]))
+  np.testing.assert_allclose(whole_lp, np.concatenate([p[1] for p in parts]), rtol=1e-6)
+  # Rows with equal logits but different ids still draw differently.
+  same = jnp.tile(logits[:1], (64, 1))
+  tokens, _ = sampling.sample(same, key, params, row_ids=jnp.arange(64))
+  assert len(np.unique(np.asarray(tokens))) > 1

@@ -114,6 +114,20 @@ def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.
   return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
 
+def merge_row_image_features(
+  embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_id
+) -> jax.Array:
+  """Puts feature k of row b (`features [B, K, E]`) on row b's k-th image token.
+
+  The per-row form of `merge_image_features`: no index spans rows, so a batch sharded over rows
+  (or built host by host) needs no batch-global image numbering.
+  """
+  is_image = input_ids == image_id
+  order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+  gathered = jnp.take_along_axis(features, order[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
 class QwenVL(nnx.Module):
   """Qwen2.5-VL / Qwen2-VL for conditional generation."""
 

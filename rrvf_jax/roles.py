@@ -1,0 +1,159 @@
+"""Where the trainer and the sampler run, and how the trainer's weights reach the sampler.
+
+Two layouts:
+
+- colocated (default, `roles.sampler_devices = 0`): the sampler shares the trainer's devices. On
+  one host it uses the trainer's mesh itself (no copy); on several hosts each host samples its own
+  rollouts on a mesh of its own devices, so episodes never wait on another host.
+- disaggregated (`roles.sampler_devices = k > 0`): on every host the last k local devices form the
+  sampler's mesh and the others join the trainer's (global) mesh.
+
+A sampler mesh is host-local, shaped (data = n / t, fsdp = 1, tensor = t) with
+t = `roles.sampler_tensor`: parameters are split over tensor and replicated over data, and
+rollout rows spread over data. Weights move with `transfer`: one jitted reshard on the trainer's
+devices to the sampler's layout replicated per host (each device receives only its own shard; no
+device gathers a whole parameter unless the sampler layout itself replicates it), then, when the
+roles do not share devices, a device-to-device copy inside each host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rrvf_jax import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+  """The trainer's (global) mesh and this host's sampler mesh."""
+
+  trainer_mesh: Mesh
+  sampler_mesh: Mesh
+
+  @property
+  def colocated(self) -> bool:
+    """True when the sampler samples on the trainer's mesh itself (weights need no copy)."""
+    return self.sampler_mesh is self.trainer_mesh
+
+
+def _by_process(devices: Sequence[jax.Device]) -> dict[int, list[jax.Device]]:
+  """Devices grouped by process, each group in id order."""
+  groups: dict[int, list[jax.Device]] = {}
+  for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
+    groups.setdefault(d.process_index, []).append(d)
+  return groups
+
+
+def local_mesh(devices: Sequence[jax.Device], tensor: int = 1) -> Mesh:
+  """A (data = n / tensor, fsdp = 1, tensor) mesh over one host's `devices`."""
+  n = len(devices)
+  if tensor < 1 or n % tensor:
+    raise ValueError(f"roles.sampler_tensor={tensor} must divide the {n} sampler devices per host")
+  grid = np.asarray(devices, dtype=object).reshape(n // tensor, 1, tensor)
+  auto = (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES)
+  return Mesh(grid, sharding.MESH_AXES, axis_types=auto)
+
+
+def make_roles(
+  mesh_config: Mapping[str, Any],
+  *,
+  sampler_devices: int = 0,
+  sampler_tensor: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+) -> Roles:
+  """The trainer mesh (from `mesh_config`) and this host's sampler mesh; see the module doc."""
+  devices = list(jax.devices() if devices is None else devices)
+  groups = _by_process(devices)
+  me = jax.process_index() if len(groups) > 1 else next(iter(groups))
+  if sampler_devices < 0:
+    raise ValueError(f"roles.sampler_devices must be >= 0, got {sampler_devices}")
+  if sampler_devices == 0:
+    trainer = sharding.mesh_from_config(mesh_config, devices=_process_major(groups))
+    if len(groups) == 1 and sampler_tensor == 1:
+      return Roles(trainer, trainer)
+    return Roles(trainer, local_mesh(groups[me], sampler_tensor))
+  per_host = {len(g) for g in groups.values()}
+  if len(per_host) != 1 or sampler_devices >= min(per_host):
+    raise ValueError(
+      f"roles.sampler_devices={sampler_devices} must leave the trainer at least one device on "
+      f"every host (devices per host: {sorted(per_host)})"
+    )
+  trainer_devices = {p: g[: len(g) - sampler_devices] for p, g in groups.items()}
+  trainer = sharding.mesh_from_config(mesh_config, devices=_process_major(trainer_devices))
+  return Roles(trainer, local_mesh(groups[me][-sampler_devices:], sampler_tensor))
+
+
+def _process_major(groups: Mapping[int, list[jax.Device]]) -> list[jax.Device]:
+  """Devices in process order: a host's rows of a data-parallel batch sit on its own devices."""
+  return [d for p in sorted(groups) for d in groups[p]]
+
+
+def sampler_shardings(params: nnx.State, mesh: Mesh, rules: sharding.Rules) -> Any:
+  """Per-leaf NamedShardings of `params` (an nnx.State of Params) on the sampler `mesh`."""
+
+  def one(var: nnx.Variable) -> nnx.Variable:
+    spec = sharding.param_sharding(var, mesh, rules).spec
+    spec = sharding.divisible_spec(var.get_value().shape, spec, mesh)
+    return var.replace(NamedSharding(mesh, sharding.trim_spec(spec)))
+
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _host_layout(trainer_mesh: Mesh, sampler_mesh: Mesh) -> tuple[Mesh, Mesh]:
+  """(mesh of every host's trainer devices in the sampler's layout, this host's part of it)."""
+  groups = _by_process(trainer_mesh.devices.flat)
+  sizes = {len(g) for g in groups.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"every host needs the same number of trainer devices, got {sorted(sizes)}")
+  (n,) = sizes
+  tensor = sampler_mesh.shape["tensor"]
+  tensor = tensor if n % tensor == 0 else 1
+  order = sorted(groups)
+  grid = np.asarray([groups[p] for p in order], dtype=object)
+  grid = grid.reshape(len(order), n // tensor, 1, tensor)
+  auto = (jax.sharding.AxisType.Auto,) * (1 + len(sharding.MESH_AXES))
+  hosts = Mesh(grid, ("hosts", *sharding.MESH_AXES), axis_types=auto)
+  local = Mesh(grid[order.index(jax.process_index())], sharding.MESH_AXES, axis_types=auto[1:])
+  return hosts, local
+
+
+def transfer(params: Any, roles: Roles, shardings: Any) -> Any:
+  """The trainer's `params` placed for the sampler (`shardings` from `sampler_shardings`)."""
+  if roles.colocated:
+    return params
+  if jax.process_count() == 1:
+    return jax.device_put(params, shardings)
+  hosts, local = _host_layout(roles.trainer_mesh, roles.sampler_mesh)
+  leaves, treedef = jax.tree.flatten(params)
+  targets = jax.tree.leaves(shardings)
+  # Each host's trainer devices in the sampler's layout (replicated over hosts): every device
+  # receives only its own shard of each parameter.
+  specs = [
+    sharding.trim_spec(sharding.divisible_spec(x.shape, t.spec, local))
+    for x, t in zip(leaves, targets, strict=True)
+  ]
+  spread = jax.jit(lambda xs: xs, out_shardings=[NamedSharding(hosts, s) for s in specs])(leaves)
+  out = []
+  for x, spec, target in zip(spread, specs, targets, strict=True):
+    here = jax.make_array_from_single_device_arrays(
+      x.shape, NamedSharding(local, spec), [s.data for s in x.addressable_shards]
+    )
+    out.append(here if here.sharding == target else jax.device_put(here, target))
+  return jax.tree.unflatten(treedef, out)
+
+
+def fully_replicated_local(params: Any) -> Any:
+  """`params` with a full copy on each of this host's devices (readable from host memory)."""
+  if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+    return params
+  mesh = local_mesh(jax.local_devices())
+  roles = Roles(jax.tree.leaves(params)[0].sharding.mesh, mesh)
+  replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+  return transfer(params, roles, replicated)
