@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rrvf_jax import sharding as sharding_lib
+from rrvf_jax.models.qwen_vl.remat import layer_remat
 from rrvf_jax.train import batch as batch_lib
 from rrvf_jax.train import state as state_lib
 from rrvf_jax.train.state import TrainState
@@ -59,13 +60,13 @@ def _check_micro_axis(batch: Any, micro_batches: int) -> None:
 def _grad_fn(graphdef: nnx.GraphDef, loss_fn: LossFn, remat: bool | str):
   """(params, batch) -> (grads of loss_sum, loss_sum, weight, aux) for one micro-batch."""
 
-  def loss_of_params(params: nnx.State, batch: Any):
-    loss_sum, weight, aux = loss_fn(nnx.merge(graphdef, params), batch)
-    return loss_sum.astype(jnp.float32), (jnp.asarray(weight, jnp.float32), dict(aux))
-
   policy = _remat_policy(remat)
-  if policy is not None:
-    loss_of_params = jax.checkpoint(loss_of_params, policy=policy)
+
+  def loss_of_params(params: nnx.State, batch: Any):
+    # Read while tracing: every decoder and vision layer gets its own checkpoint.
+    with layer_remat(policy):
+      loss_sum, weight, aux = loss_fn(nnx.merge(graphdef, params), batch)
+    return loss_sum.astype(jnp.float32), (jnp.asarray(weight, jnp.float32), dict(aux))
 
   def grad_fn(params: nnx.State, batch: Any):
     (loss_sum, (weight, aux)), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
@@ -115,9 +116,8 @@ def make_train_step(
     tx: the optax transformation the state's `opt_state` was made with.
     micro_batches: M > 1 accumulates gradients over a leading `[M, ...]` axis of every batch leaf
       (see `train.batch.stack_micro_batches`); M = 1 takes the batch as it is.
-    remat: False, True (= "dots") or a policy name in REMAT_POLICIES. Applied with jax.checkpoint
-      around each micro-batch's loss: the model has no per-layer remat hook, so this saves the
-      policy's intermediates for the whole forward rather than per decoder layer.
+    remat: False, True (= "dots") or a policy name in REMAT_POLICIES: a jax.checkpoint with that
+      policy around each decoder and vision layer (`models.qwen_vl.remat`).
     mesh: when given, activations follow `rules` (traced under `sharding.activation_rules`), the
       batch is constrained to its data-parallel sharding and the new state to the state's own
       shardings, so the step compiles once and keeps its layout.

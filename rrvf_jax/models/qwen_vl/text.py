@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from rrvf_jax import sharding
-from rrvf_jax.models.qwen_vl import kv_cache, rope
+from rrvf_jax.models.qwen_vl import kv_cache, remat, rope
 from rrvf_jax.models.qwen_vl.config import TextConfig
 from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, attention, param
 
@@ -120,7 +120,7 @@ class TextModel(nnx.Module):
         positions_3bl, head_dim=cfg.head_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
       )
       for layer in self.layers:
-        x_ble = layer(x_ble, cos, sin, mask_bls)
+        x_ble = remat.call_layer(layer, x_ble, cos, sin, mask_bls)
       return self.norm(x_ble)
 
   def cached(

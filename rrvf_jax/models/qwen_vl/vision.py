@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rrvf_jax.models.qwen_vl import rope
+from rrvf_jax.models.qwen_vl import remat, rope
 from rrvf_jax.models.qwen_vl.config import VisionConfig
 from rrvf_jax.models.qwen_vl.layers import Dense, LayerNorm, RMSNorm, attention
 
@@ -125,5 +125,5 @@ class VisionTower(nnx.Module):
       cos, sin = rope.vision_cos_sin(index.positions, cfg.head_dim, cfg.rope_theta)
       for i, block in enumerate(self.blocks):
         full = i in cfg.fullatt_block_indexes or not cfg.uses_windows
-        x = block(x, cos, sin, index.frames if full else index.windows)
+        x = remat.call_layer(block, x, cos, sin, index.frames if full else index.windows)
       return self.merger(x)[index.merged_restore]
