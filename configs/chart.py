@@ -26,3 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.apply_demo(config)
     config.data.name = "synthetic_charts"  # Built-in procedural charts.
   return config
+
+
+def sweep() -> list[dict[str, object]]:
+  """Example sweep for `launch/xm_launch.py`: GRPO learning rate x group size (4 work units)."""
+  # Each dict is one work unit's `--config.<key>=<value>` overrides; the paper ran lr 1e-6, G=8.
+  return [{"grpo.learning_rate": lr, "grpo.group_size": g} for lr in (5e-7, 1e-6) for g in (4, 8)]

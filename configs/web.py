@@ -29,3 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grpo.steps = 10
     config.sft.max_length = 512  # HTML is longer than the demo's chart programs.
   return config
+
+
+def sweep() -> list[dict[str, object]]:
+  """Example sweep for `launch/xm_launch.py`: GRPO learning rate x turns per episode (4 units)."""
+  # Each dict is one work unit's `--config.<key>=<value>` overrides; more turns, more feedback.
+  return [{"grpo.learning_rate": lr, "grpo.max_turns": t} for lr in (5e-7, 1e-6) for t in (3, 5)]
