@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -144,11 +145,11 @@ def runs(cold_start, tmp_path_factory):
   one, two = str(root / "one"), str(root / "two")
   _main(one, args, processes=1, devices=4)
   outputs = _main(two, args, processes=2, devices=2)
-  return one, two, outputs, export
+  return one, two, outputs, export, args
 
 
 def test_two_processes_train_like_one(runs):
-  one, two, _, start = runs
+  one, two, _, start, _ = runs
   for stage, keys in (
     ("sft", ("sft/loss", "sft/grad_norm")),
     ("grpo", ("grpo/loss", "grpo/reward", "grpo/r_vision", "grpo/policy_tokens", "grpo/grad_norm")),
@@ -171,7 +172,7 @@ def test_two_processes_train_like_one(runs):
 
 
 def test_only_process_zero_writes_and_both_see_two_processes(runs):
-  _, two, outputs, _ = runs
+  _, two, outputs, _, _ = runs
   with open(os.path.join(two, "summary.json")) as f:
     summary = json.load(f)
   assert summary["processes"] == 2 and summary["devices"] == 4
@@ -184,3 +185,19 @@ def test_only_process_zero_writes_and_both_see_two_processes(runs):
   assert [s for s in saved if s.isdigit()] == ["2", "3"]
   for out in outputs:
     assert "Traceback" not in out
+
+
+def test_resumed_run_samples_with_the_restored_weights(runs, tmp_path):
+  # Regression guard for the sampler/trainer split: after a restore the sampler must get the
+  # checkpoint's weights (not the initial ones), or step 3's episodes and loss would differ.
+  one, _, _, _, args = runs
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(one, resumed)
+  shutil.rmtree(os.path.join(resumed, "grpo", "checkpoints", "3"))
+  outputs = _main(resumed, args, processes=1, devices=4)
+  assert "grpo: resuming from the checkpoint of step 2" in outputs[0]
+  want, got = _records(one, "grpo")[-1], _records(resumed, "grpo")[-1]
+  assert got["step"] == want["step"] == 3
+  for key in ("grpo/reward", "grpo/policy_tokens", "grpo/loss", "grpo/grad_norm"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  assert got["grpo/logprob_mismatch_max"] < 1e-4
