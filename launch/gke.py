@@ -354,8 +354,13 @@ def documented() -> dict[str, str]:
     "--config.data.manual_dir=/workdir/rrvf_coldstart",
   )
   # Meshes and micro-batches of the README's memory plan (python -m rrvf_jax.memory_plan).
-  v5p = (*data, "--config.mesh.fsdp=32")
-  h100 = (*data, "--config.mesh.fsdp=16", "--config.grpo.micro_batches=16")
+  v5p = (*data, "--config.mesh.fsdp=32", "--config.roles.sampler_tensor=4")
+  h100 = (
+    *data,
+    "--config.mesh.fsdp=16",
+    "--config.grpo.micro_batches=16",
+    "--config.roles.sampler_tensor=8",
+  )
   files = manifests(Options(platform="v5p-64", judge="vllm", main_args=v5p))
   files |= manifests(Options(platform="h100x16", judge="vllm", main_args=h100))
   # The trainer is the same with either server; only the judge file differs.

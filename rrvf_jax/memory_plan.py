@@ -435,6 +435,17 @@ class Plan:
     }
 
 
+def sampler_weight_bytes(cfg, dtype, sizes, rules, hosts: int, sampler_tensor: int) -> int:
+  """Bytes per device of a host's sampler weights: mesh (data = n / t, fsdp = 1, tensor = t)."""
+  devices = math.prod(sizes.values())
+  if devices % hosts or (devices // hosts) % sampler_tensor:
+    raise ValueError(
+      f"--hosts={hosts} and --sampler_tensor={sampler_tensor} must divide the {devices} devices"
+    )
+  local = {"data": devices // hosts // sampler_tensor, "fsdp": 1, "tensor": sampler_tensor}
+  return state_bytes(cfg, dtype, local, rules).param_device
+
+
 def trainer_plan(
   preset: str,
   sizes: dict[str, int],
@@ -454,8 +465,15 @@ def trainer_plan(
   append_tokens: int = 1024,
   kl_coef: float = 0.0,
   device_memory_gib: float = 95.0,
+  hosts: int = 1,
+  sampler_tensor: int = 1,
 ) -> Plan:
-  """The policy's plan: trainer state, one GRPO update, and one rollout (KV cache) per device."""
+  """The policy's plan: trainer state, one GRPO update, and one rollout (KV cache) per device.
+
+  With `hosts` > 1 each host samples on a mesh of its own devices (`rrvf_jax.roles`), holding its
+  own copy of the weights split over `sampler_tensor` devices; that copy lives through the update
+  too, so it counts as static.
+  """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   if remat not in REMAT:
@@ -490,6 +508,15 @@ def trainer_plan(
   ]
   if kl_coef > 0:
     table.append(Row("reference parameters (kl_coef > 0)", state.param_device, "static", "exact"))
+  if hosts > 1:
+    table.append(
+      Row(
+        f"sampler weights (a copy per host, tensor={sampler_tensor})",
+        sampler_weight_bytes(cfg, jdtype, sizes, rules, hosts, sampler_tensor),
+        "static",
+        "exact",
+      )
+    )
   table += [
     Row("gradients", state.param_device, "train", "exact"),
   ]
@@ -649,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--seq_len", type=int, default=0, help="train length (0: max_total_tokens)")
   p.add_argument("--append_tokens", type=int, default=1024)
   p.add_argument("--kl_coef", type=float, default=0.0)
+  p.add_argument("--hosts", type=int, default=1, help="hosts (each samples on its own devices)")
+  p.add_argument("--sampler_tensor", type=int, default=1, help="config roles.sampler_tensor")
   p.add_argument("--concurrent", type=int, default=64, help="judge: sequences served at once")
   p.add_argument("--judge_seq_len", type=int, default=8192)
   p.add_argument("--utilization", type=float, default=0.9, help="judge: memory fraction used")
@@ -684,6 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_size=args.image_size,
         append_tokens=args.append_tokens,
         kl_coef=args.kl_coef,
+        hosts=args.hosts,
+        sampler_tensor=args.sampler_tensor,
         device_memory_gib=args.device_memory_gib,
       )
   except ValueError as e:

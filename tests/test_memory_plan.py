@@ -205,3 +205,23 @@ def test_judge_kv_cache_is_per_device_share():
   kv = {r.name.split(" (")[0]: r.bytes for r in plan.rows}["KV cache"]
   assert kv == 2 * 8192 * t.num_layers * 2 * (t.num_kv_heads // 4) * t.head_dim * 2
   assert math.isclose(plan.peak, plan.phase("static") + kv)
+
+
+def test_sampler_weights_equal_a_real_transfer_to_the_sampler_mesh():
+  needs_8_devices()
+  from rrvf_jax import roles
+
+  cfg = get_preset("tiny")
+  mesh = sharding.make_mesh(1, 8, 1)
+  tx, _ = optim.make_optimizer(1e-6)
+  make = lambda rngs: QwenVL(cfg, rngs=rngs)
+  _, state = state_lib.init_train_state(make, tx, mesh=mesh, rules=sharding.FSDP_TP)
+  placement = roles.Roles(mesh, roles.local_mesh(jax.devices(), tensor=2))
+  targets = roles.sampler_shardings(state.params, placement.sampler_mesh, sharding.FSDP_TP)
+  moved = roles.transfer(state.params, placement, targets)
+  sizes = {"data": 1, "fsdp": 8, "tensor": 1}
+  got = memory_plan.sampler_weight_bytes(cfg, jnp.float32, sizes, sharding.FSDP_TP, 1, 2)
+  assert got == shard_nbytes(moved)
+  assert got > shard_nbytes(state.params)  # a fuller copy than the trainer's FSDP shard
+  with pytest.raises(ValueError, match="--sampler_tensor=3"):
+    memory_plan.sampler_weight_bytes(cfg, jnp.float32, sizes, sharding.FSDP_TP, 2, 3)
