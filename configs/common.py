@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.warmup_steps = 25  # Linear warm-up steps from 0.
   c.sft.end_value = 0.0  # Cosine schedule's final learning rate.
   c.sft.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only).
+  c.sft.adam_eps = 1e-8  # AdamW epsilon (larger: elements with tiny gradients move less).
   c.sft.max_grad_norm = 1.0  # Global-norm gradient clipping (0: off).
   c.sft.remat = "dots"  # Rematerialisation: none, dots (keep matmul outputs) or full.
   c.sft.chunk_size = 512  # Sequence chunk of the LM head + log-softmax (bounds [B, T, V] memory).
@@ -85,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.warmup_steps = 0  # Linear warm-up optimiser steps.
   c.grpo.end_value = 0.0  # Cosine schedule's final learning rate.
   c.grpo.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only).
+  c.grpo.adam_eps = 1e-8  # AdamW epsilon (larger: elements with tiny gradients move less).
   c.grpo.max_grad_norm = 1.0  # Global-norm gradient clipping (0: off).
   c.grpo.epochs = 1  # Passes over each rollout batch (> 1: old-policy ratios differ from 1).
   c.grpo.mini_batches = 1  # Optimiser steps per pass (the rollout batch split in rows).

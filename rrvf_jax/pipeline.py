@@ -117,6 +117,7 @@ def _validate_sft(s: ml_collections.ConfigDict) -> None:
   )
   _check(s.max_length > 0, "sft.max_length", "must be positive")
   _check(s.learning_rate > 0, "sft.learning_rate", "must be positive")
+  _check(s.adam_eps > 0, "sft.adam_eps", "must be positive")
   _check(
     s.schedule in optim.SCHEDULES,
     "sft.schedule",
@@ -154,6 +155,7 @@ def _validate_grpo(g: ml_collections.ConfigDict) -> None:
   )
   _check(g.on_budget in ("force_answer", "fail"), "grpo.on_budget", "must be force_answer or fail")
   _check(g.temperature > 0, "grpo.temperature", "must be positive (GRPO samples)")
+  _check(g.adam_eps > 0, "grpo.adam_eps", "must be positive")
   _check(g.remat in REMAT, "grpo.remat", f"must be one of {list(REMAT)}, got {g.remat!r}")
   _check(
     g.schedule in optim.SCHEDULES,

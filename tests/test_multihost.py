@@ -4,7 +4,9 @@ A cold-started tiny policy (SFT in one process, exported) is trained by `rrvf_ja
 SFT steps and GRPO steps twice on the same global batches: once as one process with 4 CPU devices,
 once as two processes with 2 CPU devices each. Each host samples its own share of the prompts on
 its own devices, renders and judges them itself, and the shares form the global batch of every
-update. Losses, rewards and the final weights must agree within float32 noise.
+update. Another pair of runs gives the sampler devices of its own (`roles.sampler_devices`), so the
+weights cross from the trainer's devices to the sampler's after every update. Losses, rewards and
+the final weights must agree within float32 noise.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ TRAIN = (
   "--config.grpo.log_every=1",
   "--config.grpo.images_every=1",
   "--config.checkpoint.save_every=2",
+  # Adam moves an element with a ~0 gradient by up to lr whatever the gradient's rounding noise:
+  # a larger epsilon keeps such elements in the linear regime, so the weights compare at float32
+  # noise between device layouts whose reductions round differently.
+  "--config.sft.adam_eps=1e-3",
+  "--config.grpo.adam_eps=1e-3",
 )
 
 
@@ -148,13 +155,13 @@ def runs(cold_start, tmp_path_factory):
   return one, two, outputs, export, args
 
 
-def test_two_processes_train_like_one(runs):
-  one, two, _, start, _ = runs
+def _assert_trains_like(one: str, other: str, start: str) -> None:
+  """Per-step SFT and GRPO metrics and the exported weights of `other` equal `one`'s."""
   for stage, keys in (
     ("sft", ("sft/loss", "sft/grad_norm")),
     ("grpo", ("grpo/loss", "grpo/reward", "grpo/r_vision", "grpo/policy_tokens", "grpo/grad_norm")),
   ):
-    a, b = _records(one, stage), _records(two, stage)
+    a, b = _records(one, stage), _records(other, stage)
     assert [r["step"] for r in a] == [r["step"] for r in b] and a
     for ra, rb in zip(a, b, strict=True):
       for key in keys:
@@ -163,12 +170,34 @@ def test_two_processes_train_like_one(runs):
   # The comparison has teeth: the rewards differ within groups, so the policy loss moves weights.
   assert any(abs(r["grpo/loss"]) > 1e-6 for r in grpo), grpo
   w1 = load_file(os.path.join(one, "export", "model.safetensors"))
-  w2 = load_file(os.path.join(two, "export", "model.safetensors"))
+  w2 = load_file(os.path.join(other, "export", "model.safetensors"))
   w0 = load_file(os.path.join(start, "model.safetensors"))
   assert w1.keys() == w2.keys() == w0.keys()
   assert any(not np.allclose(w1[k], w0[k], rtol=0, atol=1e-5) for k in w0), "nothing trained"
   for name in w1:
     np.testing.assert_allclose(w2[name], w1[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_two_processes_train_like_one(runs):
+  one, two, _, start, _ = runs
+  _assert_trains_like(one, two, start)
+
+
+def test_two_processes_with_disaggregated_samplers_train_like_one(runs, tmp_path):
+  # Each host: 1 device trains (a global trainer mesh of 2), 1 device samples; weights cross over
+  # after every update. The one-process run splits its 4 devices the same way (2 train, 2 sample):
+  # an equal trainer mesh keeps the reductions, and so Adam's steps, comparable.
+  _, _, _, start, args = runs
+  one, two = str(tmp_path / "one_split"), str(tmp_path / "two_split")
+  _main(one, (*args, "--config.roles.sampler_devices=2"), processes=1, devices=4)
+  outputs = _main(two, (*args, "--config.roles.sampler_devices=1"), processes=2, devices=2)
+  for workdir, sampler_data in ((one, 2), (two, 1)):
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    assert summary["mesh"]["fsdp"] == 2, summary
+    assert summary["sampler_mesh"] == {"data": sampler_data, "fsdp": 1, "tensor": 1}, summary
+  assert all("Traceback" not in out for out in outputs)
+  _assert_trains_like(one, two, start)
 
 
 def test_only_process_zero_writes_and_both_see_two_processes(runs):

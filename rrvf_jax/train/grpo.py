@@ -213,6 +213,7 @@ def make_optimizer(c: ml_collections.ConfigDict):
     total_steps=c.steps * c.epochs * c.mini_batches,
     end_value=c.end_value,
     weight_decay=c.weight_decay,
+    eps=c.adam_eps,
     max_grad_norm=c.max_grad_norm or None,
   )
 
