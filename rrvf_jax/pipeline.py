@@ -285,9 +285,7 @@ def reward_config(config: ml_collections.ConfigDict) -> env.RewardConfig:
 def on_sampler_mesh(stage: sft_loop.Stage, model: nnx.Module) -> nnx.Module:
   """The policy with its weights placed for this host's sampler (`roles.transfer`)."""
   graphdef, params = state_lib.split_params(model)
-  placement = roles.Roles(stage.mesh, stage.sampler_mesh or stage.mesh)
-  shardings = roles.sampler_shardings(params, placement.sampler_mesh, stage.rules)
-  return nnx.merge(graphdef, roles.transfer(params, placement, shardings))
+  return nnx.merge(graphdef, grpo.to_sampler_mesh(stage, params))
 
 
 def run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules) -> dict:

@@ -19,6 +19,7 @@ roles do not share devices, a device-to-device copy inside each host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -124,6 +125,12 @@ def _host_layout(trainer_mesh: Mesh, sampler_mesh: Mesh) -> tuple[Mesh, Mesh]:
   return hosts, local
 
 
+@functools.lru_cache(maxsize=8)
+def _spread(hosts: Mesh, specs: tuple[PartitionSpec, ...]):
+  """The jitted reshard into `specs` on `hosts`, made once: a new jit each step would recompile."""
+  return jax.jit(lambda xs: xs, out_shardings=[NamedSharding(hosts, s) for s in specs])
+
+
 def transfer(params: Any, roles: Roles, shardings: Any) -> Any:
   """The trainer's `params` placed for the sampler (`shardings` from `sampler_shardings`)."""
   if roles.colocated:
@@ -139,7 +146,7 @@ def transfer(params: Any, roles: Roles, shardings: Any) -> Any:
     sharding.trim_spec(sharding.divisible_spec(x.shape, t.spec, local))
     for x, t in zip(leaves, targets, strict=True)
   ]
-  spread = jax.jit(lambda xs: xs, out_shardings=[NamedSharding(hosts, s) for s in specs])(leaves)
+  spread = _spread(hosts, tuple(specs))(leaves)
   out = []
   for x, spec, target in zip(spread, specs, targets, strict=True):
     here = jax.make_array_from_single_device_arrays(

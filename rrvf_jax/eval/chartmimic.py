@@ -23,7 +23,6 @@ Deviations (all deterministic; see `DEVIATIONS`) are listed so a report can stat
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,7 @@ from rrvf_jax.eval.results import (
   judge_counts,
   mean,
   scale,
+  score_all,
 )
 from rrvf_jax.eval.trace import (  # noqa: F401  (eval_sandbox_config is re-exported)
   DEFAULT_TIMEOUT_S,
@@ -52,6 +52,7 @@ from rrvf_jax.eval.trace import (  # noqa: F401  (eval_sandbox_config is re-expo
   TraceCache,
   code_key,
   eval_sandbox_config,
+  reference_trace,
   submit_trace,
 )
 
@@ -317,29 +318,17 @@ def _reference_trace(
   config: ChartMimicConfig,
   cache: TraceCache | None,
 ) -> CodeTrace:
-  """The ground-truth trace (cached; its image is dropped when the item has its own target)."""
-
-  def compute() -> CodeTrace:
-    trace = submit_trace(
-      item.gt_code,
-      pool=pool,
-      timeout_s=config.timeout_s,
-      dpi=config.dpi,
-      max_side_px=config.max_side_px,
-    ).result()
-    return dataclasses.replace(trace, image=None) if item.target is not None else trace
-
-  if cache is None:
-    return compute()
-  key = code_key(
+  """The ground-truth trace of `item` (cached; its image is dropped when it has its own target)."""
+  return reference_trace(
     "chartmimic-ref",
     item.gt_code,
-    dpi=config.dpi,
-    px=config.max_side_px,
-    timeout=config.timeout_s,
     own_target=item.target is not None,
+    pool=pool,
+    timeout_s=config.timeout_s,
+    dpi=config.dpi,
+    max_side_px=config.max_side_px,
+    cache=cache,
   )
-  return cache.get_or_compute(key, compute)
 
 
 def score_chartmimic_item(
@@ -431,11 +420,9 @@ def score_chartmimic(
     raise ValueError(f"got {len(items)} ChartMimic items but {len(codes)} generated programs")
   judging.require_openai_judge(judge, "ChartMimic")
   kwargs = {"pool": pool, "judge": judge, "config": config, "cache": cache}
-  if max_workers <= 1 or len(items) <= 1:
-    return [score_chartmimic_item(i, c, **kwargs) for i, c in zip(items, codes)]
-  with concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="chartmimic") as ex:
-    futures = [ex.submit(score_chartmimic_item, i, c, **kwargs) for i, c in zip(items, codes)]
-    return [f.result() for f in futures]
+  return score_all(
+    score_chartmimic_item, items, codes, kwargs, max_workers=max_workers, name="chartmimic"
+  )
 
 
 def aggregate_chartmimic(

@@ -19,7 +19,6 @@ paper's numbers; text / rating = those × exec rate — RRVF's headline columns 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import re
@@ -31,8 +30,8 @@ import numpy as np
 from rrvf_jax.env.judges.base import Judge
 from rrvf_jax.env.sandbox import SandboxPool
 from rrvf_jax.eval import judging
-from rrvf_jax.eval.results import ItemResult, by_category, check_benchmark, mean, scale
-from rrvf_jax.eval.trace import CodeTrace, TraceCache, code_key, submit_trace
+from rrvf_jax.eval.results import ItemResult, by_category, check_benchmark, mean, scale, score_all
+from rrvf_jax.eval.trace import CodeTrace, TraceCache, reference_trace, submit_trace
 
 BENCHMARK = "plot2code"
 PLOT2CODE_TIMEOUT_S = 30.0  # execute_generated_code.py joins the child process for 30 s
@@ -121,31 +120,22 @@ def size_ratio(ref: CodeTrace, gen: CodeTrace) -> tuple[float, float]:
 
 
 def _reference_trace(
-  item: Plot2CodeItem, pool: SandboxPool | None, config: Plot2CodeConfig, cache: TraceCache | None
+  item: Plot2CodeItem,
+  pool: SandboxPool | None,
+  config: Plot2CodeConfig,
+  cache: TraceCache | None,
 ) -> CodeTrace:
-  """The ground-truth trace (cached; its image is dropped when the item has its own target)."""
-
-  def compute() -> CodeTrace:
-    trace = submit_trace(
-      item.gt_code,
-      pool=pool,
-      timeout_s=config.timeout_s,
-      dpi=config.dpi,
-      max_side_px=config.max_side_px,
-    ).result()
-    return dataclasses.replace(trace, image=None) if item.target is not None else trace
-
-  if cache is None:
-    return compute()
-  key = code_key(
+  """The ground-truth trace of `item` (cached; its image is dropped when it has its own target)."""
+  return reference_trace(
     "plot2code-ref",
     item.gt_code,
-    dpi=config.dpi,
-    px=config.max_side_px,
-    timeout=config.timeout_s,
     own_target=item.target is not None,
+    pool=pool,
+    timeout_s=config.timeout_s,
+    dpi=config.dpi,
+    max_side_px=config.max_side_px,
+    cache=cache,
   )
-  return cache.get_or_compute(key, compute)
 
 
 def score_plot2code_item(
@@ -219,11 +209,9 @@ def score_plot2code(
     raise ValueError(f"got {len(items)} Plot2Code items but {len(codes)} generated programs")
   judging.require_openai_judge(judge, "Plot2Code")
   kwargs = {"pool": pool, "judge": judge, "config": config, "cache": cache}
-  if max_workers <= 1 or len(items) <= 1:
-    return [score_plot2code_item(i, c, **kwargs) for i, c in zip(items, codes)]
-  with concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="plot2code") as ex:
-    futures = [ex.submit(score_plot2code_item, i, c, **kwargs) for i, c in zip(items, codes)]
-    return [f.result() for f in futures]
+  return score_all(
+    score_plot2code_item, items, codes, kwargs, max_workers=max_workers, name="plot2code"
+  )
 
 
 def aggregate_plot2code(results: Sequence[ItemResult], *, breakdown: bool = True) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,3 +117,23 @@ def judge_counts(results: Sequence[ItemResult]) -> Mapping[str, int]:
   """How many items have a judge score, and how many do not."""
   scored = sum(1 for r in results if r.judge is not None and r.judge.score is not None)
   return {"judge_items": scored, "judge_missing": len(results) - scored}
+
+
+def score_all(
+  score_item: Callable[..., ItemResult],
+  items: Sequence[Any],
+  outputs: Sequence[str | None],
+  kwargs: Mapping[str, Any],
+  *,
+  max_workers: int,
+  name: str,
+) -> list[ItemResult]:
+  """`score_item(item, output, **kwargs)` for every pair, in threads when asked; results in order.
+
+  Sandbox jobs, renders and judge calls of different items overlap in the threads.
+  """
+  if max_workers <= 1 or len(items) <= 1:
+    return [score_item(i, o, **kwargs) for i, o in zip(items, outputs, strict=True)]
+  with concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name) as ex:
+    futures = [ex.submit(score_item, i, o, **kwargs) for i, o in zip(items, outputs, strict=True)]
+    return [f.result() for f in futures]

@@ -238,3 +238,28 @@ def code_key(kind: str, code: str, **settings: Any) -> str:
   h.update(json.dumps(settings, sort_keys=True, default=str).encode())
   h.update(code.encode("utf-8", "surrogatepass"))
   return h.hexdigest()
+
+
+def reference_trace(
+  kind: str,
+  gt_code: str,
+  *,
+  own_target: bool,
+  pool: SandboxPool | None,
+  timeout_s: float,
+  dpi: int,
+  max_side_px: int,
+  cache: TraceCache | None,
+) -> CodeTrace:
+  """A benchmark item's ground-truth trace (cached under `kind`; no image with `own_target`)."""
+
+  def compute() -> CodeTrace:
+    trace = submit_trace(
+      gt_code, pool=pool, timeout_s=timeout_s, dpi=dpi, max_side_px=max_side_px
+    ).result()
+    return dataclasses.replace(trace, image=None) if own_target else trace
+
+  if cache is None:
+    return compute()
+  key = code_key(kind, gt_code, dpi=dpi, px=max_side_px, timeout=timeout_s, own_target=own_target)
+  return cache.get_or_compute(key, compute)

@@ -30,7 +30,6 @@ ship with the project; without `embed`, clip and design2code are None.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import difflib
 import html
@@ -57,6 +56,7 @@ from rrvf_jax.eval.results import (
   judge_counts,
   mean,
   scale,
+  score_all,
 )
 from rrvf_jax.eval.trace import TraceCache, code_key
 
@@ -545,11 +545,9 @@ def score_websight(
     "config": config,
     "cache": cache,
   }
-  if max_workers <= 1 or len(items) <= 1:
-    return [score_websight_item(i, h, **kwargs) for i, h in zip(items, htmls)]
-  with concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="websight") as ex:
-    futures = [ex.submit(score_websight_item, i, h, **kwargs) for i, h in zip(items, htmls)]
-    return [f.result() for f in futures]
+  return score_all(
+    score_websight_item, items, htmls, kwargs, max_workers=max_workers, name="websight"
+  )
 
 
 def aggregate_websight(results: Sequence[ItemResult], *, breakdown: bool = True) -> dict[str, Any]:

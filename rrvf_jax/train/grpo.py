@@ -276,22 +276,23 @@ def play(
   )
 
 
-def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int):
-  """(sampler on this host's sampler mesh, `update(params)` that gives it the trainer's weights)."""
+def to_sampler_mesh(stage: sft_loop.Stage, params):
+  """The trainer's `params` placed on this host's sampler mesh (no copy when colocated)."""
   placement = roles.Roles(stage.mesh, stage.sampler_mesh or stage.mesh)
   shardings = roles.sampler_shardings(params, placement.sampler_mesh, stage.rules)
+  return roles.transfer(params, placement, shardings)
 
-  def place(new_params):
-    return roles.transfer(new_params, placement, shardings)
 
+def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int):
+  """(sampler on this host's sampler mesh, `update(params)` that gives it the trainer's weights)."""
   sampler = sampler_lib.Sampler(
-    nnx.merge(graphdef, place(params)),
+    nnx.merge(graphdef, to_sampler_mesh(stage, params)),
     stage.tokenizer,
     cache_length=cache_length,
-    mesh=placement.sampler_mesh,
+    mesh=stage.sampler_mesh or stage.mesh,
     rules=stage.rules,
   )
-  return sampler, lambda new_params: sampler.set_params(place(new_params))
+  return sampler, lambda new_params: sampler.set_params(to_sampler_mesh(stage, new_params))
 
 
 def mean_over_hosts(values: dict[str, float]) -> dict[str, float]:
