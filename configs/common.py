@@ -54,7 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.steps = 500  # Cold-start SFT optimiser steps (0: skip the stage).
   c.sft.batch_size = 64  # Global examples per step.
   c.sft.micro_batches = 4  # Gradient-accumulation micro-batches per step (divides batch_size).
-  c.sft.max_length = 2048  # Padded sequence length; longer examples are an error.
+  c.sft.max_length = 8192  # Padded sequence length; longer examples are an error.
+  c.sft.conversations = True  # Train whole conversations when the data has them (else answers).
+  c.sft.answer_steps = 0  # First steps on answer-only replies (a curriculum: code, then the loop).
+  c.sft.answer_max_length = 2048  # Padded length of the answer-only steps.
+  c.sft.max_images = 5  # Images per example (target + renders); 0: one image of any size.
   c.sft.learning_rate = 1e-5  # Peak learning rate.
   c.sft.schedule = "cosine"  # Learning-rate schedule after warm-up: constant or cosine.
   c.sft.warmup_steps = 25  # Linear warm-up steps from 0.
@@ -71,8 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.prompts_per_step = 32  # Target images per step.
   c.grpo.group_size = 8  # Episodes per target (G).
   c.grpo.max_turns = 5  # Assistant turns per episode (a forced answer comes on top).
-  c.grpo.max_new_tokens = 1024  # Tokens per assistant turn.
-  c.grpo.max_total_tokens = 8192  # Tokens per trajectory (the KV cache length).
+  c.grpo.max_new_tokens = 4096  # Tokens per assistant turn (chart code; the web preset: 6144).
+  c.grpo.max_response_tokens = 1024  # Tokens per tool response (image + comments; text is cut).
+  # Tokens per trajectory: all max_turns - 1 feedback rounds fit in the worst case (a test checks;
+  # 29,552 for charts at 672x672). The method notes' ~16k holds 5 turns only if they are short.
+  c.grpo.max_total_tokens = 30720
   c.grpo.on_budget = "force_answer"  # At a limit: force_answer (ask for the answer) or fail.
   c.grpo.temperature = 1.0  # Sampling temperature of the episodes (the loss uses the same).
   c.grpo.top_p = 1.0  # Nucleus sampling mass (1.0: off).
@@ -104,9 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.tool_threshold = 0.5  # R_tool only when R_vision is above this.
 
   c.judge = ml_collections.ConfigDict()
-  c.judge.name = "local"  # local (image similarity, no model) or openai (an MLLM endpoint).
+  c.judge.name = "openai"  # openai (an MLLM endpoint, the paper's) or local (image similarity).
   c.judge.base_url = ""  # openai judge: the OpenAI-compatible endpoint, e.g. http://host:8000/v1.
-  c.judge.model = ""  # openai judge: the served model name.
+  c.judge.model = ""  # openai judge: the served model name, e.g. Qwen/Qwen2.5-VL-72B-Instruct.
+  # openai judge down: wait (retry up to max_wait_s, then stop the run) or drop_group (leave the
+  # groups it could not judge out of the update, counted). Never a fallback judge: one group's
+  # rewards must come from one judge.
+  c.judge.on_unavailable = "wait"
+  c.judge.max_wait_s = 600.0  # openai judge: longest wait for the service under 'wait'.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.enabled = True  # Run the benchmark evaluation stage at the end of the run.
@@ -133,32 +145,36 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   """Shrinks a config to the tiny CPU demo (minutes on 2 cores, nothing downloaded)."""
   c.model.preset = "tiny"
   c.model.dtype = "float32"
-  c.image.width = 224
-  c.image.height = 224
+  # Small canvases keep sequences short (36 tokens an image); 72 dpi keeps the figure 2.33 in.
+  c.image.width = 168
+  c.image.height = 168
+  c.image.dpi = 72
   c.data.complexity = "simple"
   c.data.num_train = 256
   c.data.num_test = 32
   c.sft.steps = 300
   c.sft.batch_size = 8
   c.sft.micro_batches = 1
-  c.sft.max_length = 512
+  c.sft.max_length = 960
   c.sft.learning_rate = 3e-3
+  c.sft.max_images = 3  # The target and up to two renders (the demo's conversations).
   c.sft.warmup_steps = 20
   c.sft.end_value = 3e-4
   c.sft.remat = "none"
   c.sft.log_every = 10
   c.checkpoint.save_every = 50
-  c.answer_check.num_examples = 16
+  c.answer_check.num_examples = 0  # the held-out episodes before/after GRPO say the same
   c.answer_check.batch_size = 8
-  c.answer_check.max_new_tokens = 96
+  c.answer_check.max_new_tokens = 160
   # A short cold start leaves room for RL: greedy held-out exec rate is ~10% after 300 SFT steps
   # (~90% after 600); GRPO at temperature 0.7 then has rewards that differ within groups.
   c.grpo.steps = 80
   c.grpo.prompts_per_step = 4
   c.grpo.group_size = 4
-  c.grpo.max_turns = 2
-  c.grpo.max_new_tokens = 96
-  c.grpo.max_total_tokens = 1024
+  c.grpo.max_turns = 3
+  c.grpo.max_new_tokens = 160
+  c.grpo.max_response_tokens = 128
+  c.grpo.max_total_tokens = 1280
   c.grpo.learning_rate = 1e-4
   c.grpo.temperature = 0.7
   c.grpo.epochs = 2
@@ -169,4 +185,6 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.eval.benchmark = ""  # the held-out synthetic charts, scored with ChartMimic's metrics
   c.eval.max_items = 16
   c.eval.batch_size = 8
-  c.eval.max_new_tokens = 96
+  c.eval.max_new_tokens = 160
+  c.eval.tool_loop = True  # the demo policy is trained for the loop, not the benchmark's prompt
+  c.judge.name = "local"

@@ -18,6 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.image.height = 336  # Target canvas height in pixels (multiple of 28).
   config.data.name = "websight"  # Held-out pages of the answer check.
   config.sft.steps = 0  # No released web cold-start data (see rrvf_method.md §9).
+  config.grpo.max_new_tokens = 6144  # Tokens per assistant turn: HTML is longer than chart code.
+  config.grpo.max_total_tokens = 43008  # The worst case of 5 turns at 448x336 is 41,476 tokens.
   config.eval.benchmark = "websight"  # WebSight pages from data.manual_dir.
   if preset == "demo":
     common.apply_demo(config)
@@ -27,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.image.height = 224
     config.sft.steps = 150  # Fewer steps than charts: the web demo only has to run end to end.
     config.grpo.steps = 10
-    config.sft.max_length = 512  # HTML is longer than the demo's chart programs.
+    config.sft.max_length = 1280  # HTML is longer than the demo's chart programs.
+    config.grpo.max_total_tokens = 1408  # The worst case at 224x224 is 1,284 tokens.
   return config
 
 

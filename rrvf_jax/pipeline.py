@@ -17,18 +17,19 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rrvf_jax import checkpoint, env, metrics, roles, rollout, sharding
+from rrvf_jax import checkpoint, env, metrics, roles, sharding
 from rrvf_jax import data as data_lib
 from rrvf_jax.models import qwen_vl
 from rrvf_jax.processing import chat, image, tokens
-from rrvf_jax.rollout import answer_check
+from rrvf_jax.rollout import answer_check, episode
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing import tokenizer as tiny_tokenizer
-from rrvf_jax.train import grpo, optim, sft, sft_loop
+from rrvf_jax.train import grpo, optim, sft_loop
 from rrvf_jax.train import state as state_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -36,16 +37,8 @@ TASKS = ("chart", "web")
 REMAT = ("none", "dots", "full")
 SYNTHETIC = {"chart": "synthetic_charts", "web": "synthetic_web"}
 
-INSTRUCTIONS = {
-  "chart": sft.DEFAULT_INSTRUCTION,
-  "web": (
-    "Write HTML that reproduces this web page exactly. "
-    "Give the final code inside <answer></answer>."
-  ),
-}
-
-
-ITEM_FIELDS = ("id", "text", "answered", "executed", "similarity", "message")
+JUDGE_POLICIES = ("wait", "drop_group")
+ITEM_FIELDS = ("id", "text", "answered", "executed", "similarity", "turns", "tool_calls", "message")
 
 
 class ConfigError(ValueError):
@@ -88,15 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   )
   _validate_sft(config.sft)
   _validate_grpo(config.grpo)
-  _check(
-    config.judge.name in ("local", "openai"),
-    "judge.name",
-    f"must be local or openai, got {config.judge.name!r}",
-  )
-  if config.judge.name == "openai":
-    _check(
-      bool(config.judge.base_url and config.judge.model), "judge", "openai needs base_url, model"
-    )
+  _validate_judge(config.judge)
   _check(config.roles.sampler_devices >= 0, "roles.sampler_devices", "must be >= 0")
   _check(config.roles.sampler_tensor > 0, "roles.sampler_tensor", "must be positive")
   _check(config.checkpoint.save_every > 0, "checkpoint.save_every", "must be positive")
@@ -105,6 +90,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(a.num_examples >= 0, "answer_check.num_examples", "must be >= 0")
   _check(a.batch_size > 0, "answer_check.batch_size", "must be positive")
   _check(a.max_new_tokens > 0, "answer_check.max_new_tokens", "must be positive")
+
+
+def _validate_judge(j: ml_collections.ConfigDict) -> None:
+  _check(j.name in ("local", "openai"), "judge.name", f"must be local or openai, got {j.name!r}")
+  if j.name == "openai":
+    missing = [k for k in ("base_url", "model") if not j[k]]
+    _check(
+      not missing,
+      f"judge.{missing[0] if missing else ''}",
+      "is empty: the openai judge needs judge.base_url and judge.model (an OpenAI-compatible "
+      "endpoint serving the teacher MLLM), or use --config.judge.name=local",
+    )
+  _check(
+    j.on_unavailable in JUDGE_POLICIES,
+    "judge.on_unavailable",
+    f"must be one of {list(JUDGE_POLICIES)}, got {j.on_unavailable!r}",
+  )
+  _check(j.max_wait_s > 0, "judge.max_wait_s", f"must be positive, got {j.max_wait_s}")
 
 
 def _validate_sft(s: ml_collections.ConfigDict) -> None:
@@ -116,6 +119,13 @@ def _validate_sft(s: ml_collections.ConfigDict) -> None:
     f"must divide sft.batch_size={s.batch_size}, got {s.micro_batches}",
   )
   _check(s.max_length > 0, "sft.max_length", "must be positive")
+  _check(s.max_images >= 0, "sft.max_images", f"must be >= 0, got {s.max_images}")
+  _check(
+    0 <= s.answer_steps <= s.steps,
+    "sft.answer_steps",
+    f"must be in [0, sft.steps={s.steps}], got {s.answer_steps}",
+  )
+  _check(s.answer_max_length > 0, "sft.answer_max_length", "must be positive")
   _check(s.learning_rate > 0, "sft.learning_rate", "must be positive")
   _check(s.adam_eps > 0, "sft.adam_eps", "must be positive")
   _check(
@@ -135,7 +145,8 @@ def _validate_sft(s: ml_collections.ConfigDict) -> None:
 
 def _validate_grpo(g: ml_collections.ConfigDict) -> None:
   _check(g.steps >= 0, "grpo.steps", f"must be >= 0, got {g.steps}")
-  for key in ("prompts_per_step", "group_size", "max_turns", "max_new_tokens", "epochs"):
+  keys = ("prompts_per_step", "group_size", "max_turns", "max_new_tokens", "max_response_tokens")
+  for key in (*keys, "epochs"):
     _check(g[key] > 0, f"grpo.{key}", f"must be positive, got {g[key]}")
   rows = g.prompts_per_step * g.group_size
   _check(
@@ -262,11 +273,51 @@ def canvas_renderer(config: ml_collections.ConfigDict):
 
 
 def make_judge(config: ml_collections.ConfigDict) -> env.Judge:
-  """The configured judge (`judge.name`)."""
-  if config.judge.name == "local":
+  """The configured judge (`judge.name`); an outage waits or fails, never falls back to another."""
+  j = config.judge
+  if j.name == "local":
     return env.LocalJudge()
   return env.OpenAIJudge(
-    config=env.OpenAIJudgeConfig(base_url=config.judge.base_url, model=config.judge.model)
+    config=env.OpenAIJudgeConfig(
+      base_url=j.base_url,
+      model=j.model,
+      # 'wait' retries up to max_wait_s and then raises (the run stops, to be resumed);
+      # 'fail' raises after the retries, and the episode driver drops the row's group.
+      on_unavailable="wait" if j.on_unavailable == "wait" else "fail",
+      max_wait_s=j.max_wait_s,
+      on_parse_failure="zero",  # an unreadable score is 0 on the judge's own scale
+    )
+  )
+
+
+def judge_failure(config: ml_collections.ConfigDict) -> str:
+  """What the episode driver does when the judge is unavailable (`episode.run_episodes`)."""
+  return "drop" if config.judge.on_unavailable == "drop_group" else "raise"
+
+
+def episode_budget(config, tok, proc_cfg: image.ImageProcessorConfig) -> episode.Budget:
+  """The worst case of one episode of this config, for a target at the canvas size.
+
+  The sampler's cache is made this long (`cache_slots`), so only `grpo.max_total_tokens` can stop a
+  row's tool loop; when it is below `tokens`, some worst-case rows get fewer feedback rounds.
+  """
+  g = config.grpo
+  blank = np.full((config.image.height, config.image.width, 3), 255, np.uint8)
+  prompt = answer_check.prompt_segment(
+    tok,
+    blank,
+    instruction=env.task_instruction(config.task),
+    proc_cfg=proc_cfg,
+    system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
+    tools=env.tool_schemas(config.task),
+  )
+  return episode.worst_case(
+    prompt_tokens=len(prompt.token_ids),
+    max_turns=g.max_turns,
+    max_new_tokens=g.max_new_tokens,
+    max_response_tokens=g.max_response_tokens,
+    force_answer_tokens=episode.force_answer_tokens(tok),
+    forcing=g.on_budget == "force_answer",
   )
 
 
@@ -282,45 +333,32 @@ def reward_config(config: ml_collections.ConfigDict) -> env.RewardConfig:
 # Stages.
 
 
-def on_sampler_mesh(stage: sft_loop.Stage, model: nnx.Module) -> nnx.Module:
-  """The policy with its weights placed for this host's sampler (`roles.transfer`)."""
-  graphdef, params = state_lib.split_params(model)
-  return nnx.merge(graphdef, grpo.to_sampler_mesh(stage, params))
+def run_answer_check(config, workdir, stage: sft_loop.Stage, model) -> dict:
+  """Greedy held-out episodes with the RRVF prompt, scored; writes answer_check/answers.json.
 
-
-def run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules) -> dict:
-  """Greedy answers on held-out examples, rendered and scored; writes answer_check.json.
-
-  `model` and `mesh` are the sampler's (see `on_sampler_mesh`): every host answers every example
-  on its own devices; process 0 writes the files.
+  Every host plays every example on its own sampler mesh (`grpo.make_sampler`); process 0 writes
+  the files.
   """
   a = config.answer_check
   source = dataset(config, workdir, config.data.eval_split)
   n = min(a.num_examples, len(source))
   examples = sft_loop.decoded_examples([source[i] for i in range(n)])
-  longest_prompt = 1024  # image tokens + instruction; the bucket is picked per call
-  sampler = rollout.Sampler(
-    model,
-    tok,
-    cache_length=rollout.sampler.bucket_length(longest_prompt, rollout.sampler.DEFAULT_BUCKETS)
-    + a.max_new_tokens,
-    mesh=mesh,
-    rules=rules,
-  )
+  graphdef, params = state_lib.split_params(model)
+  sampler, _ = grpo.make_sampler(stage, graphdef, params, cache_length=stage.cache_length)
   submit, close = canvas_renderer(config)
+  environment = grpo.Environment(submit, make_judge(config), reward_config(config))
+  greedy = grpo.sampling_params(stage, greedy=True)
+
+  def play(images):
+    key = jax.random.key(0)  # unused by greedy sampling; fixed so runs are comparable
+    played = grpo.play(stage, sampler, environment, images, group_size=1, params=greedy, key=key)
+    return played.trajectories
+
   start = time.perf_counter()
   try:
     items = answer_check.run(
-      sampler,
       examples,
-      task=config.task,
-      render=lambda codes: [f.result() for f in [submit(c) for c in codes]],
-      judge=env.LocalJudge(),
-      tools=env.tool_schemas(config.task),
-      instruction=INSTRUCTIONS[config.task],
-      proc_cfg=proc_cfg,
-      system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
-      max_new_tokens=a.max_new_tokens,
+      play=play,
       batch_size=a.batch_size,
       progress=lambda done, total: logging.info("answer_check: %d/%d", done, total),
     )
@@ -334,20 +372,8 @@ def run_answer_check(config, workdir, model, tok, proc_cfg, mesh, rules) -> dict
       writer.write_image_pairs(0, pairs, tag="answer_check", max_pairs=4)
       writer.write_scalars(0, {f"answer_check/{k}": v for k, v in summary.items()})
     with open(os.path.join(out, "answers.json"), "w") as f:
-      json.dump(
-        {
-          "summary": summary,
-          "items": [
-            {
-              k: getattr(i, k)
-              for k in ("id", "text", "answered", "executed", "similarity", "message")
-            }
-            for i in items
-          ],
-        },
-        f,
-        indent=1,
-      )
+      rows = [{k: getattr(i, k) for k in ITEM_FIELDS} for i in items]
+      json.dump({"summary": summary, "items": rows}, f, indent=1)
   return summary
 
 
@@ -364,7 +390,7 @@ def run_grpo(config, workdir, stage: sft_loop.Stage, model) -> tuple[nnx.Module,
 
   def evaluate(policy) -> dict:
     graphdef, params = state_lib.split_params(policy)
-    sampler, _ = grpo.make_sampler(stage, graphdef, params, cache_length=g.max_total_tokens)
+    sampler, _ = grpo.make_sampler(stage, graphdef, params, cache_length=stage.cache_length)
     # Batches of the training rollout's row count: a shape that divides the mesh's batch axes.
     batch = g.prompts_per_step * g.group_size
     return grpo.evaluate(stage, sampler, environment, held_out, batch_size=batch)
@@ -415,6 +441,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tok = tokens.load_tokenizer(tok_dir)
   model_cfg = policy_config(config, tok)
   proc_cfg = image_processor_config(config)
+  budget = episode_budget(config, tok, proc_cfg)
+  if budget.tokens > config.grpo.max_total_tokens:
+    logging.warning(
+      "grpo.max_total_tokens=%d is below an episode's worst case (%d tokens): rows that use "
+      "their whole turn and response budgets get fewer than grpo.max_turns - 1 = %d feedback "
+      "rounds",
+      config.grpo.max_total_tokens,
+      budget.tokens,
+      config.grpo.max_turns - 1,
+    )
   summary: dict = {
     "task": config.task,
     "devices": len(jax.devices()),
@@ -433,10 +469,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh=mesh,
     rules=rules,
     proc_cfg=proc_cfg,
-    instruction=INSTRUCTIONS[config.task],
+    instruction=env.task_instruction(config.task),
     system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
     tools=tuple(env.tool_schemas(config.task)),
     sampler_mesh=placement.sampler_mesh,
+    cache_length=budget.cache_slots,
   )
   if config.sft.steps > 0:
     t = time.perf_counter()
@@ -450,9 +487,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.grpo.steps > 0:
     model, summary["grpo"] = run_grpo(config, workdir, stage, model)
   if config.answer_check.num_examples > 0:
-    summary["answer_check"] = run_answer_check(
-      config, workdir, on_sampler_mesh(stage, model), tok, proc_cfg, placement.sampler_mesh, rules
-    )
+    summary["answer_check"] = run_answer_check(config, workdir, stage, model)
   if config.checkpoint.export_hf and (config.sft.steps > 0 or config.grpo.steps > 0):
     export = os.path.join(workdir, "export")
     graphdef, params = state_lib.split_params(model)
@@ -482,6 +517,25 @@ def _sft_summary(workdir: str) -> dict:
   return {"first_loss": losses[0], "last_loss": losses[-1], "steps": losses[-1][0]}
 
 
+TABLE_COLUMNS = (
+  ("exec rate", "exec_rate", "{:.1%}"),
+  ("R_vis first", "r_vision_first", "{:.3f}"),
+  ("R_vis final", "r_vision", "{:.3f}"),
+  ("tool calls", "tool_call_rate", "{:.1%}"),
+  ("turns", "turns", "{:.2f}"),
+  ("reward", "reward", "{:.3f}"),
+)
+
+
+def held_out_table(*rows: dict, names=("before (SFT)", "after GRPO")) -> str:
+  """The before/after table of greedy held-out episodes (R_vision of first draft and answer)."""
+  lines = [f"{'':<14}" + "".join(f"{title:>12}" for title, _, _ in TABLE_COLUMNS)]
+  for name, row in zip(names, rows, strict=True):
+    cells = [fmt.format(row[key]) if key in row else "-" for _, key, fmt in TABLE_COLUMNS]
+    lines.append(f"{name:<14}" + "".join(f"{c:>12}" for c in cells))
+  return "\n".join(lines)
+
+
 def print_summary(summary: dict) -> None:
   """The human-readable end-of-run table."""
   print(f"run finished in {summary['seconds']} s, peak RSS {summary['peak_rss_gib']} GiB")
@@ -497,17 +551,13 @@ def print_summary(summary: dict) -> None:
       f"GRPO ({summary['grpo']['seconds']} s), greedy episodes on {before['items']} "
       "held-out targets:"
     )
-    print(f"{'':<14}{'exec rate':>10}{'R_vision':>10}{'reward':>10}{'turns':>8}")
-    for name, row in (("before (SFT)", before), ("after GRPO", after)):
-      print(
-        f"{name:<14}{row['exec_rate']:>10.1%}{row['r_vision']:>10.3f}{row['reward']:>10.3f}"
-        f"{row['turns']:>8.2f}"
-      )
+    print(held_out_table(before, after))
   if "answer_check" in summary:
     a = summary["answer_check"]
     print(
-      f"held-out answer check ({a['items']} items, greedy): answered {a['answered']:.0%}, "
-      f"executed {a['exec_rate']:.0%}, mean similarity {a['similarity']:.3f}"
+      f"held-out answer check ({a['items']} items, greedy episodes): answered "
+      f"{a['answered']:.0%}, executed {a['exec_rate']:.0%}, mean similarity "
+      f"{a['similarity']:.3f}, tool calls in {a['tool_call_rate']:.0%}, {a['turns']:.2f} turns"
     )
   if "export" in summary:
     print(f"policy exported (HF format) to {summary['export']}")

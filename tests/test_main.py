@@ -28,7 +28,11 @@ SMALL = [
   "--config.checkpoint.save_every=4",
   "--config.answer_check.num_examples=4",
   "--config.answer_check.batch_size=8",
-  "--config.answer_check.max_new_tokens=16",
+  # Answer-only SFT at a short length keeps the stage tests fast; the first test trains the
+  # demo's conversations.
+  "--config.sft.conversations=False",
+  "--config.sft.max_length=384",
+  "--config.grpo.max_new_tokens=24",
   "--config.grpo.steps=0",
   "--config.eval.enabled=False",
 ]
@@ -62,6 +66,8 @@ def _main(*args, wait=True):
 
 def test_chart_demo_trains_checks_exports_and_evaluates(tmp_path, data_dir):
   config = small_config(chart, data_dir)
+  config.sft.conversations = True  # whole self-correction episodes, as the demo trains
+  config.sft.max_length = 1024
   config.eval.enabled = True
   config.eval.max_items = 4
   config.eval.max_new_tokens = 16
@@ -74,8 +80,10 @@ def test_chart_demo_trains_checks_exports_and_evaluates(tmp_path, data_dir):
   assert set(os.listdir(tmp_path / "sft" / "checkpoints")) == {"8", "12", "16"}
   check = summary["answer_check"]
   assert check["items"] == 4 and 0.0 <= check["exec_rate"] <= check["answered"] <= 1.0
+  assert 1.0 <= check["turns"] <= 4.0 and 0.0 <= check["tool_call_rate"] <= 1.0
   answers = json.loads((tmp_path / "answer_check" / "answers.json").read_text())
   assert len(answers["items"]) == 4
+  assert set(answers["items"][0]) == set(pipeline.ITEM_FIELDS)
   # The exported policy loads back with the trained weights.
   exported = qwen_vl.from_hf(tmp_path / "export")
   assert (
@@ -114,6 +122,8 @@ def test_grpo_stage_logs_what_it_did(tmp_path, data_dir):
     "grpo/exec_rate",
     "grpo/turns",
     "grpo/tool_calls_ok",
+    "grpo/tool_call_rate",
+    "grpo/dropped_groups",
     "grpo/policy_tokens",
     "grpo/loss",
     "grpo/clip_frac_low",
@@ -128,6 +138,8 @@ def test_grpo_stage_logs_what_it_did(tmp_path, data_dir):
   assert max(r["grpo/logprob_mismatch_max"] for r in records) < 1e-3
   assert set(summary["grpo"]) >= {"before", "after", "seconds"}
   assert summary["grpo"]["before"]["items"] == 2
+  # Greedy held-out episodes also score each first draft: the self-correction gain's baseline.
+  assert 0.0 <= summary["grpo"]["after"]["r_vision_first"] <= 1.0
   assert {"2"} <= set(os.listdir(tmp_path / "grpo" / "checkpoints"))
 
 
@@ -271,3 +283,30 @@ def test_cli_rejects_a_corrupt_image_in_a_dataset(tmp_path):
   out = _main(*_coldstart_args(tmp_path, manual))
   _assert_one_line_error(out, "rrvf_jax.main: error:")
   assert "bad.png" in out.stderr.strip().splitlines()[-1]
+
+
+def _is_timing(key: str) -> bool:
+  """Keys of metrics.jsonl that measure time, not what was computed."""
+  return key.startswith("time/") or key.endswith(("_s", "_fraction"))
+
+
+def _numbers(workdir, stage) -> list[dict]:
+  return [
+    {k: v for k, v in r.items() if not _is_timing(k)}
+    for r in metrics.read_jsonl(os.path.join(workdir, stage, "metrics.jsonl"))
+  ]
+
+
+def test_same_seed_same_numbers(tmp_path, data_dir):
+  # Two runs of one config on one machine compute the same numbers, bit for bit: the SFT losses,
+  # every GRPO rollout statistic and update, and the greedy held-out tables (timings aside).
+  config = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL])
+  config.sft.conversations = True
+  config.sft.max_length = 1024
+  config.grpo.epochs = 2
+  summaries = [pipeline.run(config, str(tmp_path / run)) for run in ("a", "b")]
+  for stage in ("sft", "grpo"):
+    first, second = _numbers(tmp_path / "a", stage), _numbers(tmp_path / "b", stage)
+    assert first and first == second, stage
+  assert summaries[0]["grpo"]["before"] == summaries[1]["grpo"]["before"]
+  assert summaries[0]["grpo"]["after"] == summaries[1]["grpo"]["after"]

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
@@ -386,6 +387,39 @@ def _parquet_rows(path: Path, rows: dict[int, str]) -> Iterator[tuple[str, bytes
 # -------------------------------------------------------------------------------- cold start
 
 
+def _conversation_images(
+  messages: Any, root: Path, where: str
+) -> tuple[list[dict[str, Any]] | None, np.ndarray]:
+  """The messages with later image items reduced to {"type": "image"}, and those images' PNGs.
+
+  Images of the first user turn (the target, stored as `image`) are left as they are.
+  """
+  pngs: list[bytes] = []
+  if messages is None:
+    return None, np.zeros((0,), object)
+  if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+    raise ValueError(f"{where}: 'messages' must be a list of message objects")
+  first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), -1)
+  out = []
+  for i, message in enumerate(messages):
+    content = message.get("content")
+    if i <= first_user or not isinstance(content, list):
+      out.append(message)
+      continue
+    items = []
+    for item in content:
+      if isinstance(item, dict) and item.get("type") == "image":
+        if not isinstance(item.get("image"), str):
+          raise ValueError(f"{where}: message {i} has an image item without an 'image' file path")
+        pngs.append(_read_image(root / item["image"], f"{where} (message {i})"))
+        item = {"type": "image"}
+      items.append(item)
+    out.append({**message, "content": items})
+  array = np.empty((len(pngs),), object)
+  array[:] = pngs
+  return out, array
+
+
 class RrvfColdstart(base.ManualBuilder):
   """Cold-start SFT data for chart-to-code: images with the code (and optional conversation).
 
@@ -398,17 +432,26 @@ class RrvfColdstart(base.ManualBuilder):
   Each line: {"image": "images/0001.png" (path relative to the JSONL's directory),
   "code": "<the target program>", "id": "<optional; default '<split>-<line>'>",
   "messages": <optional: the chat turns as a JSON list, e.g. [{"role": "user", ...}, ...]>}.
+  Images shown after the first user turn (renders in tool responses) are content items
+  {"type": "image", "image": "images/0001_r1.png"} naming their files the same way.
   Features: id (str), image (PNG bytes), code (str), conversation (str: the "messages" as JSON
-  text, '' if absent).
+  text, '' if absent; later image items reduced to {"type": "image"}), turn_images (the PNG of
+  each of those later images, in order). SFT replaces the first user turn by the run's prompt.
   """
 
   name = "rrvf_coldstart"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+    "1.0.0": "First version.",
+    "1.1.0": "Images after the first user turn stored as turn_images.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = "See the builder docstring (rrvf_jax.data.manual.RrvfColdstart)."
   LAYOUT = """
 manual_dir/
   train.jsonl       one split per *.jsonl (train, test, ...); each line a JSON object:
                     {"image": "images/0001.png", "code": "<program>", "id": "<optional>",
-                     "messages": [<optional chat turns>]}
+                     "messages": [<optional chat turns; later images as
+                                  {"type": "image", "image": "images/0001_r1.png"}>]}
   images/0001.png   image paths are relative to the JSONL's directory
 """
 
@@ -419,6 +462,9 @@ manual_dir/
       "image": base.png_bytes("The chart image, PNG."),
       "code": base.text("The target program for the image."),
       "conversation": base.text("The example's chat turns as JSON text ('' if none)."),
+      "turn_images": tfds.features.Tensor(
+        shape=(None,), dtype=np.object_, doc="PNG of each image after the first user turn."
+      ),
     }
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -453,7 +499,7 @@ manual_dir/
       if example_id in seen:
         raise ValueError(f"{where}: duplicate id {example_id!r}")
       seen.add(example_id)
-      messages = row.get("messages")
+      messages, turn_images = _conversation_images(row.get("messages"), path.parent, where)
       yield (
         example_id,
         {
@@ -461,6 +507,7 @@ manual_dir/
           "image": _read_image(path.parent / row["image"], where),
           "code": row["code"],
           "conversation": "" if messages is None else json.dumps(messages, ensure_ascii=False),
+          "turn_images": turn_images,
         },
       )
       _log_progress(self.name, path.stem, done, len(rows))

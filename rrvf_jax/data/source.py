@@ -13,7 +13,8 @@ class ExampleSource(Sequence):
   """Wraps a TFDS array_record data source; records come back as plain Python values.
 
   Text features come back as `str` (TFDS gives bytes), numeric scalars as `int`/`float`, images
-  as the stored PNG `bytes` (decode with `rrvf_jax.data.decode_image`). Indexing is random access
+  as the stored PNG `bytes` (decode with `rrvf_jax.data.decode_image`), image lists as lists of
+  `bytes`. Indexing is random access
   (no TensorFlow involved); `__getitems__` reads a batch of records in one call.
   """
 
@@ -70,5 +71,7 @@ class ExampleSource(Sequence):
         value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
       elif isinstance(value, np.generic):
         value = value.item()
+      elif isinstance(value, np.ndarray) and value.dtype == object:
+        value = [bytes(v) for v in value]  # a list of encoded images (e.g. turn_images)
       out[key] = value
     return out

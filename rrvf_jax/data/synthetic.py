@@ -6,20 +6,27 @@ a perfect program reproduces its target pixel for pixel. Everything is determini
 config: example i of a split comes from its own seeded RNG; programs that repeat an earlier one
 (likelier among the short 'simple' ones) are skipped, so the test split shares no program with
 the train split.
+
+Train examples also carry a self-correction trajectory for the cold start (`data.revisions`): a
+`conversation` (the turns after the prompt, as JSON) whose drafts were rendered by the same
+renderer and judged by the local judge, and `turn_images`, the PNG of each render it shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from rrvf_jax.data import base, chart_gen, web_gen
+from rrvf_jax.data import base, chart_gen, images, revisions, web_gen
 from rrvf_jax.env.chart import ChartCanvas, create_chart_pool, render_charts
+from rrvf_jax.env.judges.local import LocalJudge
 from rrvf_jax.env.types import RenderResult, Status
 from rrvf_jax.env.web import HtmlRenderer, WebCanvas
 
@@ -116,21 +123,82 @@ def _check_rendered(name: str, example_id: str, code: str, result: RenderResult)
   return result.png
 
 
+def _render_retrying(
+  render: Callable[[list[str], float | None], list[RenderResult]], codes: list[str]
+) -> list[RenderResult]:
+  """Renders codes; a render that timed out (a busy machine, not bad code) gets one slower try."""
+  results = render(codes, None)
+  return [
+    render([code], _RETRY_TIMEOUT_S)[0] if r.status == Status.TIMEOUT else r
+    for code, r in zip(codes, results, strict=True)
+  ]
+
+
 def _rendered_chunks(
   name: str,
   split: str,
   items: Sequence[tuple[str, Any]],
   render: Callable[[list[str], float | None], list[RenderResult]],
-) -> Iterator[tuple[str, Any, bytes]]:
-  """Renders items chunk by chunk (timeouts retried once, progress logged): (id, item, png)."""
+  describe: Callable[[Any], str] | None = None,
+  seed: str = "",
+) -> Iterator[tuple[str, Any, bytes, revisions.Written | None]]:
+  """Renders items chunk by chunk (progress logged): (id, item, png, trajectory or None).
+
+  With `describe` (item -> words for it) each example also gets a self-correction trajectory.
+  """
+  task = "chart" if "chart" in name else "web"
+  judge = LocalJudge() if describe is not None else None
   for start in range(0, len(items), _CHUNK):
     chunk = items[start : start + _CHUNK]
-    results = render([item.code for _, item in chunk], None)
-    for (example_id, item), result in zip(chunk, results, strict=True):
-      if result.status == Status.TIMEOUT:  # a busy machine, not bad code: one slower try
-        result = render([item.code], _RETRY_TIMEOUT_S)[0]
-      yield example_id, item, _check_rendered(name, example_id, item.code, result)
+    results = _render_retrying(render, [item.code for _, item in chunk])
+    pngs = [
+      _check_rendered(name, example_id, item.code, result)
+      for (example_id, item), result in zip(chunk, results, strict=True)
+    ]
+    written: list[revisions.Written | None] = [None] * len(chunk)
+    if describe is not None:
+      targets = [
+        revisions.Example(i, item.code, describe(item), images.decode_image(png, i))
+        for (i, item), png in zip(chunk, pngs, strict=True)
+      ]
+      written = list(
+        revisions.write_trajectories(
+          targets,
+          task=task,
+          render=lambda codes: _render_retrying(render, codes),
+          judge=judge,
+          seed=seed,
+        )
+      )
+    for (example_id, item), png, w in zip(chunk, pngs, written, strict=True):
+      yield example_id, item, png, w
     logging.info("%s/%s: rendered %d/%d examples", name, split, start + len(chunk), len(items))
+
+
+def _trajectory_features(written: revisions.Written | None) -> dict[str, Any]:
+  """The `conversation` (JSON, '' for none) and `turn_images` features of an example."""
+  pngs = [] if written is None else written.images
+  turn_images = np.empty((len(pngs),), object)
+  turn_images[:] = pngs
+  conversation = "" if written is None else json.dumps(written.conversation, ensure_ascii=False)
+  return {"conversation": conversation, "turn_images": turn_images}
+
+
+def _trajectory_feature_specs() -> dict[str, tfds.features.FeatureConnector]:
+  """Feature specs of `_trajectory_features`."""
+  return {
+    "conversation": base.text(
+      "Self-correction trajectory (train split): the turns after the prompt as JSON ('' if none)."
+    ),
+    "turn_images": tfds.features.Tensor(
+      shape=(None,), dtype=np.object_, doc="PNG of each render the conversation shows, in order."
+    ),
+  }
+
+
+def _seed(builder: base.RrvfBuilder, config: SyntheticConfig) -> str:
+  """The key of an example's trajectory RNG: the dataset, its complexity and seed."""
+  return f"{builder.name}:{config.complexity}:{config.seed}"
 
 
 class SyntheticCharts(base.RrvfBuilder):
@@ -139,10 +207,16 @@ class SyntheticCharts(base.RrvfBuilder):
   Features: id (str, "train-000012"), image (PNG bytes, height x width RGB), code (str, the
   matplotlib program that draws the image), chart_type (str: one of
   bar/grouped_bar/line/scatter/pie/histogram/area, subplot types joined by "+"),
-  num_subplots (int, 1-4; always 1 for 'simple').
+  num_subplots (int, 1-4; always 1 for 'simple'), conversation and turn_images (a
+  self-correction trajectory on the train split; see the module docstring).
   """
 
   name = "synthetic_charts"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+    "1.0.0": "First version.",
+    "1.1.0": "Train examples carry self-correction trajectories (conversation, turn_images).",
+  }
   CONFIG_CLASS = SyntheticChartsConfig
   BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
     SyntheticChartsConfig.create(complexity="full"),
@@ -159,6 +233,7 @@ class SyntheticCharts(base.RrvfBuilder):
       "code": base.text("The matplotlib program that renders the image."),
       "chart_type": base.text("Chart type of each subplot, joined with '+'."),
       "num_subplots": base.integer("Number of subplots (1-4)."),
+      **_trajectory_feature_specs(),
     }
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -189,7 +264,11 @@ class SyntheticCharts(base.RrvfBuilder):
       def render(codes: list[str], timeout_s: float | None) -> list[RenderResult]:
         return render_charts(codes, canvas=canvas, pool=pool, timeout_s=timeout_s)
 
-      for example_id, chart, png in _rendered_chunks(self.name, split, items, render):
+      describe = None
+      if split == "train":
+        describe = lambda c: revisions.describe_chart(c.chart_type, c.num_subplots)
+      chunks = _rendered_chunks(self.name, split, items, render, describe, _seed(self, config))
+      for example_id, chart, png, written in chunks:
         yield (
           example_id,
           {
@@ -198,6 +277,7 @@ class SyntheticCharts(base.RrvfBuilder):
             "code": chart.code,
             "chart_type": chart.chart_type,
             "num_subplots": chart.num_subplots,
+            **_trajectory_features(written),
           },
         )
 
@@ -207,10 +287,16 @@ class SyntheticWeb(base.RrvfBuilder):
 
   Features: id (str), image (PNG bytes, height x width RGB: the viewport, pages cropped to it),
   code (str, the HTML), page_type (str: heading/button/list/box for 'simple',
-  landing/blog/product/contact/dashboard for 'full'), num_sections (int, top-level blocks).
+  landing/blog/product/contact/dashboard for 'full'), num_sections (int, top-level blocks),
+  conversation and turn_images (a self-correction trajectory on the train split).
   """
 
   name = "synthetic_web"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+    "1.0.0": "First version.",
+    "1.1.0": "Train examples carry self-correction trajectories (conversation, turn_images).",
+  }
   CONFIG_CLASS = SyntheticConfig
   BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
     SyntheticConfig.create(complexity="full", width=1280, height=720),
@@ -225,6 +311,7 @@ class SyntheticWeb(base.RrvfBuilder):
       "code": base.text("The HTML of the page."),
       "page_type": base.text("Kind of page or block."),
       "num_sections": base.integer("Top-level blocks in the page body."),
+      **_trajectory_feature_specs(),
     }
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -256,7 +343,9 @@ class SyntheticWeb(base.RrvfBuilder):
         futures = [renderer.submit(p, timeout_s=timeout_s) for p in pages]
         return [f.result() for f in futures]
 
-      for example_id, page, png in _rendered_chunks(self.name, split, items, render):
+      describe = (lambda p: revisions.describe_page(p.page_type)) if split == "train" else None
+      chunks = _rendered_chunks(self.name, split, items, render, describe, _seed(self, config))
+      for example_id, page, png, written in chunks:
         yield (
           example_id,
           {
@@ -265,5 +354,6 @@ class SyntheticWeb(base.RrvfBuilder):
             "code": page.code,
             "page_type": page.page_type,
             "num_sections": page.num_sections,
+            **_trajectory_features(written),
           },
         )

@@ -42,6 +42,7 @@ from rrvf_jax.env.parsing import (
   tool_for_kind,
   tool_schemas,
 )
+from rrvf_jax.env.prompt import FORCE_ANSWER_PROMPT, task_instruction
 from rrvf_jax.env.reward import EpisodeSummary, RewardBreakdown, RewardConfig, compute_reward
 from rrvf_jax.env.sandbox import (
   SandboxConfig,

@@ -25,9 +25,8 @@ OPTIONAL_PRELOAD = (
   "mpl_toolkits.mplot3d", "mpl_toolkits.axes_grid1", "matplotlib.sankey", "matplotlib.table",
   "math", "random", "datetime", "collections", "itertools", "functools", "json", "csv", "re",
   "string", "textwrap", "statistics", "decimal", "fractions", "io", "calendar",
-  "pandas", "seaborn", "squarify", "matplotlib_venn",
+  "pandas", "seaborn", "squarify", "matplotlib_venn", "networkx",
 )  # fmt: skip
-# Not scipy: it doubles the zygote's memory, and fork/exit cost grows with it (every job pays that).
 _APPEARANCE_KWARGS = ("facecolor", "edgecolor", "transparent")
 
 _saved: list[tuple[object, dict]] = []  # (figure, appearance kwargs) from savefig/show calls

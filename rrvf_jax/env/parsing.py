@@ -47,6 +47,8 @@ class ToolSpec:
   language: str = "python"
   # Argument names accepted besides `arg_name` (the paper's figure uses `html_code`).
   arg_aliases: tuple[str, ...] = ()
+  # Tool names accepted besides `name` (the paper's figure calls `html_render_and_compare_tool`).
+  name_aliases: tuple[str, ...] = ()
 
   def schema(self) -> dict[str, Any]:
     """Return the OpenAI/Qwen2.5 function schema (the JSON listed inside <tools></tools>)."""
@@ -66,24 +68,21 @@ class ToolSpec:
 
 CHART_TOOL = ToolSpec(
   name="render_chart",
-  description=(
-    "Execute matplotlib code, render the figure, and compare it with the target chart. Returns the "
-    "rendered image and comments on how it differs from the target."
-  ),
-  arg_description="A complete, self-contained Python script that draws the chart with matplotlib.",
+  description="Render matplotlib code; returns the image and how it differs from the target.",
+  arg_description="A complete Python script that draws the chart with matplotlib.",
   language="python",
   arg_aliases=("python_code",),
+  # The paper names only the web tool; this is its chart counterpart (research notes §1.2).
+  name_aliases=("chart_render_and_compare_tool",),
 )
 
 WEB_TOOL = ToolSpec(
   name="render_html",
-  description=(
-    "Render an HTML page in a headless browser and compare the screenshot with the target page. "
-    "Returns the rendered screenshot and comments on how it differs from the target."
-  ),
-  arg_description="A complete HTML document (inline CSS allowed, no external resources).",
+  description="Render an HTML page; returns the screenshot and how it differs from the target.",
+  arg_description="A complete HTML document (inline CSS, no external resources).",
   language="html",
   arg_aliases=("html_code",),
+  name_aliases=("html_render_and_compare_tool",),
 )
 
 TOOLS: Mapping[str, ToolSpec] = {"chart": CHART_TOOL, "web": WEB_TOOL}
@@ -442,7 +441,7 @@ def parse_tool_call(
   """Parse the body of one <tool_call> block into a ToolCall (never raises on bad input)."""
   if not tools:
     raise ValueError("parse_tool_call needs at least one ToolSpec")
-  by_name = {t.name: t for t in tools}
+  by_name = {name: t for t in tools for name in (t.name, *t.name_aliases)}
   repairs: list[CallStatus] = [] if closed else [CallStatus.UNCLOSED_TAG]
   body = raw.strip()
   if not body:
@@ -512,8 +511,9 @@ def _call_from_value(
   spec = by_name.get(name)
   kw = {"repairs": tuple(repairs), "name": name}
   if spec is None:
+    available = ", ".join(t.name for t in tools)
     return _error(
-      raw, CallStatus.UNKNOWN_TOOL, f"Unknown tool {name!r}; available: {', '.join(by_name)}.", **kw
+      raw, CallStatus.UNKNOWN_TOOL, f"Unknown tool {name!r}; available: {available}.", **kw
     )
   args = value.get("arguments")
   if args is None:

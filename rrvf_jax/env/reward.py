@@ -1,12 +1,13 @@
 """The RRVF episode reward: R = w_v·R_vision + w_f·R_format + w_t·R_tool.
 
-- R_vision ∈ [0, 1]: the judge's score of the final answer's render; 0 when there is no answer or
-  its code does not render.
+- R_vision ∈ [0, 1]: the judge's score of the final answer's render; 0 when there is no closed
+  answer (one cut off inside `<answer>` by a token limit earns nothing) or its code does not render.
 - R_format ∈ {-1, 0}: -1 when any turn is malformed (tag structure, a tool call that is not strictly
   well formed, no closed <answer> with code) or the final code does not render — the paper's
   "improper output formatting and non-executable code".
 - R_tool ∈ [0, 1]: min(successful tool calls, cap) / cap, granted only when R_vision > threshold. A
-  successful call is well formed and its code rendered. The cap and the gate keep it from being
+  successful call is well formed, its code rendered, and the policy saw its tool response (a call
+  cut off by the episode's budget helped nothing). The cap and the gate keep it from being
   farmed: extra calls never add reward, and calls alone earn nothing without a good final render.
 
 Defaults (DESIGN.md §4; the paper gives no numbers): w = (1.0, 0.2, 0.2), threshold 0.5, cap 1. Cap
@@ -56,19 +57,24 @@ class EpisodeSummary:
 
   `tool_render_statuses` has one entry per tool call, in order over all turns (see
   `episode_tool_calls`): the render status ('ok', 'runtime_error', …) or None when the call was not
-  executed. `final_render_status` is None when the episode produced no answer to render.
+  executed; `tool_calls_seen` says per call whether its tool response reached the policy (None:
+  all did). `final_render_status` is None when the episode produced no answer to render.
   """
 
   turns: tuple[ParsedTurn, ...]
   tool_render_statuses: tuple[str | None, ...] = ()
   final_render_status: str | None = None
   final_score: float | None = None
+  tool_calls_seen: tuple[bool, ...] | None = None
 
   def __post_init__(self) -> None:
     n_calls = len(episode_tool_calls(self.turns))
     if len(self.tool_render_statuses) != n_calls:
       n = len(self.tool_render_statuses)
       raise ValueError(f"tool_render_statuses has {n} entries for {n_calls} tool calls")
+    if self.tool_calls_seen is not None and len(self.tool_calls_seen) != n_calls:
+      n = len(self.tool_calls_seen)
+      raise ValueError(f"tool_calls_seen has {n} entries for {n_calls} tool calls")
     if self.final_score is not None and not 0.0 <= self.final_score <= 1.0:
       raise ValueError(f"final_score must be in [0, 1], got {self.final_score}")
 
@@ -161,8 +167,9 @@ def format_errors(summary: EpisodeSummary, config: RewardConfig) -> tuple[str, .
 def compute_reward(summary: EpisodeSummary, config: RewardConfig | None = None) -> RewardBreakdown:
   """Compute R = w_v·R_vision + w_f·R_format + w_t·R_tool for one episode."""
   config = config or RewardConfig()
-  has_answer = bool(summary.turns) and summary.turns[-1].answer is not None
-  rendered = has_answer and summary.final_render_status == "ok"
+  answer = summary.turns[-1].answer if summary.turns else None
+  # Only a closed answer counts: code cut off by a token limit is not what the policy answered.
+  rendered = answer is not None and answer.ok and summary.final_render_status == "ok"
   if rendered and summary.final_score is None:
     raise ValueError(
       "the final render succeeded but final_score is missing (judge in 'score' mode)"
@@ -173,10 +180,11 @@ def compute_reward(summary: EpisodeSummary, config: RewardConfig | None = None) 
   fmt = -1.0 if errors else 0.0
 
   calls = episode_tool_calls(summary.turns)
+  seen = summary.tool_calls_seen or (True,) * len(calls)
   successes = sum(
     1
-    for call, status in zip(calls, summary.tool_render_statuses, strict=True)
-    if status == "ok" and _call_counts(call, config)
+    for call, status, saw in zip(calls, summary.tool_render_statuses, seen, strict=True)
+    if status == "ok" and saw and _call_counts(call, config)
   )
   gate = vision > config.tool_threshold
   tool = min(successes, config.tool_cap) / config.tool_cap if gate else 0.0

@@ -47,6 +47,7 @@ from rrvf_jax import env, sharding
 from rrvf_jax.data.images import decode_image
 from rrvf_jax.env.judges.base import Judge
 from rrvf_jax.env.parsing import extract_code as extract_fenced
+from rrvf_jax.eval import prompts as prompts_lib
 from rrvf_jax.eval import report
 from rrvf_jax.eval.chartmimic import (
   ChartMimicConfig,
@@ -172,7 +173,7 @@ class _GenerationSetup:
 
   benchmark: str
   task: str
-  instruction: str
+  instruction: str | None  # None: the benchmark's own prompt (single turn), the RRVF one (loop)
   system_prompt: str | None
   proc_cfg: image.ImageProcessorConfig
   max_turns: int
@@ -181,19 +182,21 @@ class _GenerationSetup:
   on_budget: str
   render_submit: episode.RenderSubmit | None
   feedback_judge: Judge | None
+  max_response_tokens: int | None = None
+  cache_length: int | None = None  # the tool loop's sampler (None: max_total_tokens)
 
 
 def _single_turn(samplers: _Samplers, targets, setup: _GenerationSetup) -> list[Generation]:
-  """One greedy turn per target, with the training prompt (tool schema in the system prompt)."""
+  """One greedy turn per target: the benchmark's own prompt, or a given one with the tool schema."""
   tok = samplers.tokenizer
   prompts = [
     answer_check.prompt_segment(
       tok,
       target,
-      instruction=setup.instruction,
+      instruction=setup.instruction or prompts_lib.benchmark_prompt(setup.benchmark, target.shape),
       proc_cfg=setup.proc_cfg,
       system_prompt=setup.system_prompt,
-      tools=env.tool_schemas(setup.task),
+      tools=env.tool_schemas(setup.task) if setup.instruction else None,
     )
     for target in targets
   ]
@@ -225,7 +228,7 @@ def _tool_loop(samplers: _Samplers, targets, setup: _GenerationSetup) -> list[Ge
   params = episode.episode_sampling_params(tok, max_new_tokens=setup.max_new_tokens, temperature=0)
   params = dataclasses.replace(params, banned_token_ids=grpo.banned_token_ids(tok))
   played = episode.run_episodes(
-    samplers.get(setup.max_total_tokens),
+    samplers.get(setup.cache_length or setup.max_total_tokens),
     targets,
     group_size=1,
     task=setup.task,
@@ -239,6 +242,7 @@ def _tool_loop(samplers: _Samplers, targets, setup: _GenerationSetup) -> list[Ge
     instruction=setup.instruction,
     system_prompt=setup.system_prompt,
     proc_cfg=setup.proc_cfg,
+    max_response_tokens=setup.max_response_tokens,
   )
   out = []
   for t in played.trajectories:
@@ -488,7 +492,7 @@ def evaluate(
   *,
   benchmark: str,
   out_dir: str | os.PathLike,
-  instruction: str,
+  instruction: str | None = None,
   task: str | None = None,
   proc_cfg: image.ImageProcessorConfig | None = None,
   system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
@@ -496,6 +500,8 @@ def evaluate(
   max_turns: int = 5,
   max_new_tokens: int = 1024,
   max_total_tokens: int | None = None,
+  max_response_tokens: int | None = None,
+  cache_length: int | None = None,
   on_budget: str = "force_answer",
   batch_size: int = 8,
   max_items: int | None = None,
@@ -519,12 +525,15 @@ def evaluate(
       ground truth; e.g. an `rrvf_jax.data.ExampleSource`); the first `max_items` are evaluated.
     benchmark: 'chartmimic', 'plot2code' or 'websight' (the scorer and its aggregate).
     out_dir: where items.jsonl, images/, results.json and report.html go (resumed if present).
-    instruction, system_prompt, proc_cfg: the prompt, as in training (the task's tool schema is
-      appended to the system prompt). task: 'chart' or 'web' (default: the benchmark's).
+    instruction, system_prompt, proc_cfg: the prompt. instruction None: one turn uses the
+      benchmark's own prompt (`eval.prompts`, no tools), the tool loop the RRVF task prompt
+      (`env.task_instruction`, the one trained on); a given instruction is used for both, with the
+      task's tool schema in the system prompt. task: 'chart' or 'web' (default: the benchmark's).
     tool_loop: False: one greedy turn (stops at `</answer>` or `</tool_call>`); True: a greedy RRVF
       episode per item (`render_submit` renders tool calls, `feedback_judge` writes the feedback,
-      at most `max_turns` turns, `max_total_tokens` tokens, `on_budget` at a limit); the final
-      turn's code is scored.
+      at most `max_turns` turns, `max_total_tokens` tokens, tool responses cut to
+      `max_response_tokens`, `on_budget` at a limit, a sampler cache of `cache_length` slots); the
+      final turn's code is scored.
     max_new_tokens: tokens per turn. batch_size: rows per sampler call (must divide the mesh's batch
       axes). max_items: evaluate only the first N examples (None: all).
     judge: the benchmark judge (an OpenAIJudge for ChartMimic / Plot2Code; None skips the judge
@@ -560,6 +569,8 @@ def evaluate(
     on_budget=on_budget,
     render_submit=render_submit,
     feedback_judge=feedback_judge,
+    max_response_tokens=max_response_tokens,
+    cache_length=cache_length,
   )
   settings = _settings(setup, examples, tool_loop, judge, scorer_config, meta)
   writer = jax.process_index() == 0
@@ -638,6 +649,7 @@ def _settings(setup, examples, tool_loop, judge, scorer_config, meta) -> dict[st
     settings["tool_loop_settings"] = {
       "max_turns": setup.max_turns,
       "max_total_tokens": setup.max_total_tokens,
+      "max_response_tokens": setup.max_response_tokens,
       "on_budget": setup.on_budget,
       "feedback_judge": _judge_name(setup.feedback_judge),
     }

@@ -127,6 +127,7 @@ def run(
   max_items = setting(config, "max_items", max_items, None) or None
   out_dir = out_dir or os.path.join(workdir, "eval", f"{name}-{split}")
   judge = pipeline.make_judge(config) if config.judge.name == "openai" else None
+  proc_cfg = pipeline.image_processor_config(config)
   submit, close = pipeline.canvas_renderer(config) if tool_loop else (None, lambda: None)
   logging.info(
     "Evaluating %s on %s/%s (%d items), policy %s, devices %s",
@@ -140,13 +141,16 @@ def run(
       benchmark=benchmark,
       out_dir=out_dir,
       task=task,
-      proc_cfg=pipeline.image_processor_config(config),
-      instruction=pipeline.INSTRUCTIONS[task],
+      proc_cfg=proc_cfg,
       system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
       tool_loop=tool_loop,
       max_turns=config.grpo.max_turns,
       max_new_tokens=int(max_new_tokens),
       max_total_tokens=config.grpo.max_total_tokens,
+      max_response_tokens=config.grpo.max_response_tokens,
+      cache_length=pipeline.episode_budget(config, tok, proc_cfg).cache_slots
+      if tool_loop
+      else None,
       on_budget=config.grpo.on_budget,
       batch_size=int(batch_size),
       max_items=None if max_items is None else int(max_items),

@@ -20,7 +20,10 @@ header's newline in a whole-string tokenisation.
 Loss mask: 1 on the assistant body and its closing `<|im_end|>` (the model must learn to stop); 0 on
 the `<|im_start|>assistant\n` header, on all other blocks, on image tokens, and on the newline after
 `<|im_end|>`. That newline is never generated (sampling stops at `<|im_end|>`); the next appended
-turn starts with it, so it is an environment token like the rest of the template glue.
+turn starts with it, so it is an environment token like the rest of the template glue. Assistant
+content may mark text items `{"type": "text", "text": ..., "loss": False}` (a deliberately wrong
+draft's defect, `data.revisions`): the body is still tokenised as one run, and every token that
+touches such text gets mask 0.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class _Part:
   value: str = ""
   train: bool = False
   messages: tuple[int, ...] = ()  # for "turn" markers
+  untrained: bool = False  # text of a trained block whose tokens must not be learned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +155,8 @@ def _content_parts(content: Any, train: bool, where: str) -> list[_Part]:
       raise ValueError(f"{where}: video items are not supported")
     elif "text" in item:
       if item["text"]:
-        parts.append(_Part("text", item["text"], train))
+        untrained = train and item.get("loss", True) is False
+        parts.append(_Part("text", item["text"], train, untrained=untrained))
     else:
       raise ValueError(f"{where}: content item has neither text nor image: {dict(item)}")
   return parts
@@ -294,6 +299,7 @@ class _Encoder:
     self.spans: list[tuple[int, int]] = []
     self.turns: list[Turn] = []
     self.run: list[str] = []
+    self.run_untrained: list[tuple[int, int]] = []  # character spans of `run` not to learn
     self.run_train = False
     self.turn: tuple[str, tuple[int, ...], int] | None = None
     self.header: str | None = None  # header text sharing a run with its body
@@ -309,12 +315,24 @@ class _Encoder:
     """Encodes the pending text run."""
     if not self.run:
       return
-    start, ids = len(self.ids), tokens.encode_text(self.tok, "".join(self.run))
-    self.emit(ids, self.run_train)
+    text, start = "".join(self.run), len(self.ids)
+    if self.run_untrained:
+      ids, offsets = tokens.encode_text_with_offsets(self.tok, text)
+      self.ids += ids
+      self.mask += [int(self.run_train and not self._touches(o)) for o in offsets]
+      self.mm += [0] * len(ids)
+    else:
+      ids = tokens.encode_text(self.tok, text)
+      self.emit(ids, self.run_train)
     if self.header is not None:
       self.body_start = start + _header_length(self.tok, self.header, ids)
       self.header = None
-    self.run = []
+    self.run, self.run_untrained = [], []
+
+  def _touches(self, offset: tuple[int, int]) -> bool:
+    """Whether a token's character span overlaps untrained text (a token straddling it too)."""
+    start, end = offset
+    return any(start < e and s < max(end, start + 1) for s, e in self.run_untrained)
 
   def special(self, token: str, train: bool = False, mm: int = 0) -> None:
     """Appends one special token, ending the pending text run."""
@@ -326,6 +344,9 @@ class _Encoder:
     if p.kind == "text":
       if self.run and self.run_train != p.train:
         self.flush()
+      if p.untrained:
+        at = sum(len(r) for r in self.run)
+        self.run_untrained.append((at, at + len(p.value)))
       self.run.append(p.value)
       self.run_train = p.train
     elif p.kind == "special":
@@ -509,6 +530,76 @@ def append_turn_ids(
     lead=lead,
   )
   return _encode(tokenizer, parts, _image_counts(image_grids, merge_size))
+
+
+def cut_middle(text: str, keep: int) -> str:
+  """`text` shortened to about `keep` characters, its start and end kept around a marker."""
+  if len(text) <= keep:
+    return text
+  head = keep // 2
+  return f"{text[:head]} [...] {text[len(text) - (keep - head) :]}"
+
+
+def _shortened(messages: Sequence[Message], ratio: float) -> list[Message]:
+  """The messages with each text cut to `ratio` of its length (images kept)."""
+
+  def cut(text: str) -> str:
+    return cut_middle(text, int(len(text) * ratio))
+
+  out = []
+  for m in messages:
+    content = m.get("content")
+    if isinstance(content, str):
+      content = cut(content)
+    elif content is not None:
+      content = [dict(i, text=cut(i["text"])) if "text" in i else dict(i) for i in content]
+    out.append({**m, "content": content})
+  return out
+
+
+def fit_appended_turn(
+  tokenizer: tokens.Tokenizer,
+  messages: Sequence[Message],
+  *,
+  max_tokens: int,
+  image_grids: Sequence[Grid] | np.ndarray = (),
+  merge_size: int = 2,
+  close_open_turn: bool = False,
+) -> tuple[list[Message], EncodedConversation]:
+  """Messages to append after a reply, their text cut in the middle until the piece fits.
+
+  The piece is `append_turn_ids(messages, ...)` (tool responses, the next header). Images stay
+  whole; the longest text kept is found by bisection, so the result is deterministic. A ValueError
+  says when even the images and the template alone exceed `max_tokens`.
+  """
+
+  def encode(candidate):
+    return append_turn_ids(
+      tokenizer,
+      candidate,
+      image_grids=image_grids,
+      merge_size=merge_size,
+      close_open_turn=close_open_turn,
+    )
+
+  piece = encode(messages)
+  if len(piece) <= max_tokens:
+    return list(messages), piece
+  bare = encode(_shortened(messages, 0.0))
+  if len(bare) > max_tokens:
+    raise ValueError(
+      f"an appended turn needs {len(bare)} tokens for its images and template alone, more than "
+      f"the limit of {max_tokens} (raise grpo.max_response_tokens)"
+    )
+  lo, hi = 0, 1000  # kept share of the text, in thousandths
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if len(encode(_shortened(messages, mid / 1000))) <= max_tokens:
+      lo = mid
+    else:
+      hi = mid - 1
+  fitted = _shortened(messages, lo / 1000)
+  return fitted, encode(fitted)
 
 
 def concatenate(pieces: Sequence[EncodedConversation]) -> EncodedConversation:

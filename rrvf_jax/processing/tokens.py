@@ -154,6 +154,19 @@ def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
   return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def encode_text_with_offsets(
+  tokenizer: Tokenizer, text: str
+) -> tuple[list[int], list[tuple[int, int]]]:
+  """`encode_text`'s ids and each token's `[start, end)` character span in `text`."""
+  if not text:
+    return [], []
+  if isinstance(tokenizer, tokenizers.Tokenizer):
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    return encoding.ids, [tuple(o) for o in encoding.offsets]
+  out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+  return list(out["input_ids"]), [tuple(o) for o in out["offset_mapping"]]
+
+
 def decode(tokenizer: Tokenizer, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
   """Text of `ids`; special tokens are dropped as HF does, `<tool_call>` (not special) is kept."""
   # Both tokenizer kinds share this signature; Qwen's config turns off HF's space clean-up anyway.

@@ -1,8 +1,9 @@
-"""Greedy single-turn answers on held-out targets: do they parse, execute, and look like the target?
+"""Greedy held-out episodes: does the policy answer, does its code execute, does it look right?
 
 A quick, honest read-out after a training stage (the benchmarks' full scoring lives in `eval/`):
-the policy sees each held-out image with the task instruction, answers greedily, the answer's code
-is rendered in the sandbox and the render is scored against the target by the local judge.
+the policy sees each held-out image with the task's RRVF prompt (the same words as in SFT and
+GRPO), plays a greedy episode with the render tool and the judge's feedback, and its final answer
+is rendered in the sandbox and scored by the judge.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from rrvf_jax import env
 from rrvf_jax.processing import chat, image, tokens
 from rrvf_jax.rollout import sampler as sampler_lib
-from rrvf_jax.rollout import sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,22 +23,26 @@ class ItemResult:
   """One held-out item: what the policy wrote and how it scored."""
 
   id: str
-  text: str
-  answered: bool  # the turn holds a closed <answer> with code
+  text: str  # the final turn
+  answered: bool  # the episode ended with a closed <answer> with code
   executed: bool  # that code rendered an image
-  similarity: float  # local-judge score of render vs target (0 when nothing rendered)
+  similarity: float  # the judge's score of render vs target (0 when nothing rendered)
   render: np.ndarray | None
-  message: str  # render status / error, for the report
+  message: str  # how the episode ended / render status, for the report
+  turns: int = 1  # assistant turns played
+  tool_calls: int = 0  # render-tool calls written
 
 
 def summarize(items: Sequence[ItemResult]) -> dict[str, float]:
-  """Fractions answered and executed, and mean similarity (failures count as 0)."""
+  """Fractions answered and executed, mean similarity (failures count as 0), turns, tool use."""
   n = max(len(items), 1)
   return {
     "items": len(items),
     "answered": sum(i.answered for i in items) / n,
     "exec_rate": sum(i.executed for i in items) / n,
     "similarity": sum(i.similarity for i in items) / n,
+    "turns": sum(i.turns for i in items) / n,
+    "tool_call_rate": sum(i.tool_calls > 0 for i in items) / n,
   }
 
 
@@ -69,73 +71,46 @@ def prompt_segment(
   return sampler_lib.Segment(encoded.input_ids, processed.pixel_values, processed.image_grid_thw)
 
 
+def item_result(example_id: str, trajectory: Any) -> ItemResult:
+  """An `ItemResult` from a finished `episode.Trajectory`."""
+  render = trajectory.final_render
+  executed = render is not None and render.ok and render.image is not None
+  if render is not None and not executed:
+    message = f"{render.status}: {render.message}"[:300]
+  else:
+    message = trajectory.end_reason
+  return ItemResult(
+    id=str(example_id),
+    text=trajectory.turns[-1].text if trajectory.turns else "",
+    answered=trajectory.end_reason == "answer" and render is not None,
+    executed=executed,
+    similarity=float(trajectory.reward.vision),
+    render=render.image if executed else None,
+    message=message,
+    turns=trajectory.num_turns,
+    tool_calls=trajectory.tool_calls,
+  )
+
+
 def run(
-  sampler: sampler_lib.Sampler,
   examples: Sequence[Mapping[str, Any]],
   *,
-  task: str,
-  render: Callable[[Sequence[str]], list[env.RenderResult]],
-  judge: env.Judge,
-  instruction: str,
-  proc_cfg: image.ImageProcessorConfig,
-  system_prompt: str | None,
-  max_new_tokens: int,
+  play: Callable[[list[np.ndarray]], Sequence[Any]],
   batch_size: int,
-  tools: Sequence[Mapping[str, Any]] | None = None,
   progress: Callable[[int, int], None] | None = None,
 ) -> list[ItemResult]:
-  """Answers every example {'id', 'image': uint8 HWC} greedily, renders and scores the answers."""
-  special = tokens.special_token_ids(sampler.tokenizer)
-  params = sampling.SamplingParams(
-    max_new_tokens=max_new_tokens,
-    temperature=0.0,
-    stop_token_ids=special.eos_token_ids,
-    stop_strings=("</answer>",),
-  )
+  """Plays one greedy episode per example {'id', 'image': uint8 HWC} and scores it.
+
+  `play(images)` returns one `episode.Trajectory` per image (greedy, group size 1; e.g.
+  `grpo.play` with greedy sampling). The last batch is padded with copies (dropped here): one
+  compiled shape, and row counts that divide the mesh's batch axes.
+  """
   results: list[ItemResult] = []
   for start in range(0, len(examples), batch_size):
     batch = list(examples[start : start + batch_size])
-    # The last batch is padded with copies (dropped below): one compiled shape, and row counts
-    # that divide the mesh's batch axes.
-    padded = batch + [batch[-1]] * (batch_size - len(batch))
-    prompts = [
-      prompt_segment(
-        sampler.tokenizer,
-        ex["image"],
-        instruction=instruction,
-        proc_cfg=proc_cfg,
-        system_prompt=system_prompt,
-        tools=tools,
-      )
-      for ex in padded
-    ]
-    completions = sampler.sample(prompts, params, jax.random.key(0))[: len(batch)]
-    results += _score(batch, completions, task=task, render=render, judge=judge)
+    images = [ex["image"] for ex in batch]
+    played = play(images + [images[-1]] * (batch_size - len(batch)))
+    results += [item_result(ex["id"], t) for ex, t in zip(batch, played, strict=False)]
     if progress is not None:
       progress(len(results), len(examples))
-  return results
-
-
-def _score(batch, completions, *, task, render, judge) -> list[ItemResult]:
-  """Parses, renders and judges one batch of completions."""
-  turns = [env.parse_turn(c.text, task) for c in completions]
-  codes = [t.answer.code if t.answer is not None and t.answer.ok else None for t in turns]
-  rendered = render([c for c in codes if c is not None])
-  by_index = iter(rendered)
-  results = []
-  for ex, completion, code in zip(batch, completions, codes, strict=True):
-    result = next(by_index) if code is not None else None
-    ok = result is not None and result.status == "ok" and result.image is not None
-    similarity = judge.judge(ex["image"], result.image, kind=task).score if ok else 0.0
-    results.append(
-      ItemResult(
-        id=str(ex["id"]),
-        text=completion.text,
-        answered=code is not None,
-        executed=ok,
-        similarity=float(similarity or 0.0),
-        render=result.image if ok else None,
-        message="no answer" if result is None else f"{result.status}: {result.message}"[:300],
-      )
-    )
   return results

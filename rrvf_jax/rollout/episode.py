@@ -7,13 +7,16 @@
 2. Every turn, the still-active rows decode their next assistant turn (`active=` leaves the others
    untouched). Each reply is parsed (`env.parse_turn`):
    - an `<answer>` ends the episode; its code is rendered and judged in 'score' mode (R_vision) in
-     the background while the other rows keep decoding;
+     the background while the other rows keep decoding. An answer cut off inside `<answer>` by the
+     turn's token cap is a cut-off ('turn_length'), neither rendered nor rewarded;
    - neither a tool call nor an answer ends the episode (no answer: R_vision = 0, R_format = -1);
    - a tool call is rendered as soon as the reply is parsed (all of a turn's renders are queued
      before anything blocks), the render is judged in 'feedback' mode and preprocessed in a thread
      pool, and a tool-response turn is appended to the cache without re-prefilling: the rendered
      image and the judge's feedback, or the error text and no image when the render failed
-     (DESIGN.md §4). Invalid calls get the parser's message.
+     (DESIGN.md §4). Invalid calls get the parser's message. A response longer than
+     `max_response_tokens` has its text cut in the middle (`chat.fit_appended_turn`), so every
+     appended turn has a known bound and the budget's worst case is computable (`worst_case`).
 3. Limits. `max_turns` assistant turns per episode, and `max_total_tokens` tokens per trajectory
    (every trajectory fits it, and the sampler's cache always has room for what is decoded). A row
    that still calls the tool when a limit stops it is, per `on_budget`,
@@ -22,7 +25,11 @@
      beyond `max_turns`; room for it is reserved, so a normal turn only starts when the forced
      answer could still follow it;
    - 'fail': ended without an answer (scored like any episode without one).
-4. Every finished episode gets its reward from `env.compute_reward`.
+4. Every finished episode gets its reward from `env.compute_reward`; only tool calls whose response
+   the policy saw count toward R_tool.
+5. Judge outages: with `judge_failure='raise'` a `JudgeUnavailableError` ends the call (the judge's
+   own policy decides how long to wait first); with 'drop' the row is marked `judge_failed` (its
+   group is then left out of the update by the GRPO stage) and the episode goes on without comments.
 
 Trajectories are token-exact (DESIGN.md §3): `token_ids` are exactly the ids the sampler saw, in
 order (prompt, each sampled turn with its stop token, each appended turn); `loss_mask` is 1 only on
@@ -66,31 +73,8 @@ SpanSource = Literal["prompt", "policy", "tool", "nudge"]
 # env.HtmlRenderer(...).submit).
 RenderSubmit = Callable[[str], "concurrent.futures.Future[env.RenderResult]"]
 
-DEFAULT_FORCE_ANSWER_PROMPT = (
-  "You have reached the limit of tool calls, so your last call was not run. Do not call the tool "
-  "again: reply now with your final code inside <answer></answer>."
-)
-
-_INSTRUCTIONS = {
-  "chart": (
-    "Write Python matplotlib code that reproduces this chart exactly. Think inside "
-    "<think></think>. You can call the {tool} tool to render your code and see how it differs "
-    "from the target; when you are satisfied, give the final code inside <answer></answer>."
-  ),
-  "web": (
-    "Write a complete HTML document (inline CSS, no external resources) that reproduces this web "
-    "page exactly. Think inside <think></think>. You can call the {tool} tool to render your page "
-    "and see how it differs from the target; when you are satisfied, give the final HTML inside "
-    "<answer></answer>."
-  ),
-}
-
-
-def default_instruction(task: str) -> str:
-  """The user instruction of an RRVF episode for `task` ('chart' or 'web'), naming its tool."""
-  if task not in _INSTRUCTIONS:
-    raise ValueError(f"unknown task {task!r}; expected one of {sorted(_INSTRUCTIONS)}")
-  return _INSTRUCTIONS[task].format(tool=env.tool_for_kind(task).name)
+JudgeFailure = Literal["raise", "drop"]
+JUDGE_FAILURE: tuple[str, ...] = ("raise", "drop")
 
 
 def episode_sampling_params(
@@ -109,6 +93,51 @@ def episode_sampling_params(
     top_p=top_p,
     stop_token_ids=tokens.special_token_ids(tokenizer).eos_token_ids,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """The most one episode can take: trajectory tokens, and slots of the lock-step KV cache."""
+
+  tokens: int
+  cache_slots: int
+
+
+def worst_case(
+  *,
+  prompt_tokens: int,
+  max_turns: int,
+  max_new_tokens: int,
+  max_response_tokens: int,
+  force_answer_tokens: int,
+  buckets: Sequence[int] = sampler_lib.DEFAULT_BUCKETS,
+  forcing: bool = True,
+) -> Budget:
+  """What an episode needs so that all `max_turns - 1` feedback rounds always happen.
+
+  The worst case: every turn calls the tool and uses all `max_new_tokens`, every tool response
+  uses all `max_response_tokens`, and the last call is answered by a forced-answer turn
+  (`force_answer_tokens` for the request). Cache slots count the lock-step sampler's padding: the
+  prompt and every appended turn take a whole length bucket. `run_episodes` with
+  `max_total_tokens >= tokens` and a sampler of `cache_length >= cache_slots` never stops a row's
+  tool loop for room.
+  """
+  rounds = max_turns - 1
+  appended = max(max_response_tokens, force_answer_tokens)
+  force = force_answer_tokens + max_new_tokens if forcing else 0
+  force_slots = sampler_lib.bucket_length(force_answer_tokens, buckets) + max_new_tokens
+  return Budget(
+    tokens=prompt_tokens + max_turns * max_new_tokens + rounds * max_response_tokens + force,
+    cache_slots=sampler_lib.bucket_length(prompt_tokens, buckets)
+    + max_turns * max_new_tokens
+    + rounds * sampler_lib.bucket_length(appended, buckets)
+    + (force_slots if forcing else 0),
+  )
+
+
+def force_answer_tokens(tok: tokens.Tokenizer, prompt: str = env.FORCE_ANSWER_PROMPT) -> int:
+  """Tokens appended for a forced answer, at most (after a turn cut before `<|im_end|>`)."""
+  return len(_nudge_ids(tok, prompt, True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +172,8 @@ class ToolCallRecord:
     feedback: the judge's feedback text given to the policy (None when not judged).
     feedback_score: the judge's score in feedback mode, for logging (never shown to the policy
       unless the judge writes it into `feedback`).
+    draft_score: the judge's 'score'-mode judgement of the render (only when the episodes were
+      played with `score_drafts`; 0 for a draft that did not render).
     response_status: the appended tool response's status ('ok', 'render_error', 'invalid_call',
       'skipped'), or None when no response was appended (limit reached).
     has_image: whether the appended response carries the rendered image.
@@ -156,6 +187,7 @@ class ToolCallRecord:
   feedback_score: float | None = None
   response_status: str | None = None
   has_image: bool = False
+  draft_score: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +239,10 @@ class Trajectory:
     end_reason: one of END_REASONS ('answer' also after a forced answer).
     limit: 'max_turns' or 'budget' when the episode ran into a limit (forced or not), else None.
     forced_answer: a forced-answer turn was sampled.
-    final_render: the render of the final answer's code (None without an answer with code).
+    final_render: the render of the final answer's code (None without a closed answer with code).
     final_judge: the judge's 'score' result on it (None when it did not render).
+    judge_failed: a judge call of this episode failed (`judge_failure='drop'`): its rewards are not
+      on the judge's scale, so its group must not be trained on.
   """
 
   token_ids: np.ndarray
@@ -225,6 +259,7 @@ class Trajectory:
   forced_answer: bool
   final_render: env.RenderResult | None
   final_judge: env.JudgeResult | None
+  judge_failed: bool = False
 
   @property
   def length(self) -> int:
@@ -250,6 +285,28 @@ class Trajectory:
   def truncated(self) -> bool:
     """Cut off by a limit without a final answer (a turn's token cap, max_turns or the budget)."""
     return self.end_reason in ("turn_length", "max_turns", "budget")
+
+  @property
+  def tool_calls(self) -> int:
+    """Tool calls written over the episode."""
+    return sum(len(t.tool_calls) for t in self.turns)
+
+  @property
+  def first_draft_score(self) -> float | None:
+    """R_vision of the first turn's code: its tool call's 'score'-mode judgement, or the answer's.
+
+    None when the first turn called the tool but the episode was not played with `score_drafts`.
+    A first turn with neither a runnable call nor an answer scores 0.
+    """
+    first = self.turns[0] if self.turns else None
+    if first is None or first.action == "none":
+      return 0.0
+    if first.action == "answer":
+      return self.reward.vision
+    record = first.tool_calls[0]
+    if record.code is None or record.render_status is None:
+      return 0.0 if record.code is None else record.draft_score
+    return record.draft_score if record.render_status == "ok" else 0.0
 
 
 @dataclasses.dataclass
@@ -277,6 +334,7 @@ class EpisodeStats:
   hit_max_turns: int = 0
   hit_budget: int = 0
   truncated: int = 0
+  judge_failures: int = 0
   wall_s: float = 0.0
   prepare_s: float = 0.0
   sample_s: float = 0.0
@@ -334,6 +392,8 @@ class _Outcome:
   pixels: image.ProcessedImages | None
   render_s: float
   judge_s: float
+  draft_score: float | None = None  # 'score'-mode judgement of a tool call's render, if asked
+  judge_error: str | None = None  # the judge was unavailable (judge_failure='drop')
 
 
 def _then(
@@ -370,12 +430,14 @@ def _then(
 class _Host:
   """Submits renders and chains judging (and image preprocessing) on a thread pool."""
 
-  def __init__(self, render_submit, judge, target_images, task, proc_cfg, workers: int):
+  def __init__(self, render_submit, judge, target_images, task, proc_cfg, workers: int, **kw):
     self.render_submit = render_submit
     self.judge = judge
     self.targets = target_images
     self.task = task
     self.proc_cfg = proc_cfg
+    self.score_drafts: bool = kw["score_drafts"]
+    self.drop_on_failure: bool = kw["judge_failure"] == "drop"
     self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="episode-host")
 
   def submit(self, code: str, prompt_index: int, mode: str) -> concurrent.futures.Future:
@@ -388,14 +450,26 @@ class _Host:
       if not result.ok or result.image is None:
         return _Outcome(result, None, None, render_s, 0.0)
       start = time.perf_counter()
-      verdict = self.judge.judge(
-        self.targets[prompt_index], result.image, kind=self.task, code=code, mode=mode
-      )
+      target = self.targets[prompt_index]
+      try:
+        verdict = self.judge.judge(target, result.image, kind=self.task, code=code, mode=mode)
+        draft_score = None
+        if mode == "feedback" and self.score_drafts:
+          scored = self.judge.judge(target, result.image, kind=self.task, code=code, mode="score")
+          draft_score = scored.score
+      except env.JudgeUnavailableError as e:
+        if not self.drop_on_failure:
+          raise
+        logging.warning("episode: judge unavailable, the episode's group is dropped: %s", e)
+        verdict, draft_score = None, None
+        error = str(e)
+      else:
+        error = None
       judge_s = time.perf_counter() - start
       pixels = (
         image.preprocess_images([result.image], self.proc_cfg) if mode == "feedback" else None
       )
-      return _Outcome(result, verdict, pixels, render_s, judge_s)
+      return _Outcome(result, verdict, pixels, render_s, judge_s, draft_score, error)
 
     return _then(render, after, self.pool)
 
@@ -445,6 +519,7 @@ class _Row:
   end_reason: str | None = None
   limit: str | None = None
   forced_answer: bool = False
+  judge_failed: bool = False
 
   def add(self, ids: np.ndarray, source: SpanSource, turn: int, logprobs=None) -> tuple[int, int]:
     """Appends tokens to the trajectory; returns their `[start, end)`."""
@@ -465,18 +540,24 @@ def _append_segment(
   pictures: Sequence[image.ProcessedImages],
   proc_cfg: image.ImageProcessorConfig,
   close_open_turn: bool,
+  max_tokens: int | None = None,
 ) -> sampler_lib.Segment:
-  """The tokens (and images) appended after an assistant turn, ending with the next header."""
+  """The tokens (and images) appended after an assistant turn, ending with the next header.
+
+  With `max_tokens` the messages' text is cut in the middle until the segment fits.
+  """
   grids = (
     np.concatenate([p.image_grid_thw for p in pictures]) if pictures else np.zeros((0, 3), np.int64)
   )
-  piece = chat.append_turn_ids(
-    tok,
-    messages,
-    image_grids=grids,
-    merge_size=proc_cfg.merge_size,
-    close_open_turn=close_open_turn,
-  )
+  kwargs = {
+    "image_grids": grids,
+    "merge_size": proc_cfg.merge_size,
+    "close_open_turn": close_open_turn,
+  }
+  if max_tokens is None:
+    piece = chat.append_turn_ids(tok, messages, **kwargs)
+  else:
+    _, piece = chat.fit_appended_turn(tok, messages, max_tokens=max_tokens, **kwargs)
   if not pictures:
     return sampler_lib.Segment(piece.input_ids)
   pixels = np.concatenate([p.pixel_values for p in pictures])
@@ -512,9 +593,12 @@ def run_episodes(
   system_prompt: str = chat.DEFAULT_SYSTEM_PROMPT,
   proc_cfg: image.ImageProcessorConfig | None = None,
   reward_config: env.RewardConfig | None = None,
-  force_answer_prompt: str = DEFAULT_FORCE_ANSWER_PROMPT,
+  force_answer_prompt: str = env.FORCE_ANSWER_PROMPT,
   host_workers: int = 8,
   max_error_chars: int = 1500,
+  max_response_tokens: int | None = None,
+  score_drafts: bool = False,
+  judge_failure: JudgeFailure = "raise",
   first_row: int = 0,
 ) -> EpisodeBatch:
   """Plays `group_size` episodes per target image and returns token-exact, rewarded trajectories.
@@ -533,13 +617,19 @@ def run_episodes(
     max_turns: assistant turns per episode (a forced answer comes on top).
     max_total_tokens: tokens per trajectory at most (None: the sampler's cache length).
     on_budget: what happens to a row still calling the tool at a limit: 'force_answer' or 'fail'.
-    instruction: the user instruction after the target image (None: `default_instruction(task)`).
+    instruction: the user instruction after the target image (None: `env.task_instruction(task)`).
     system_prompt: the system text; the tool schema is appended to it.
     proc_cfg: the image processor for the target and the rendered images (None: the defaults).
     reward_config: reward weights and rules (None: `env.RewardConfig()`).
     force_answer_prompt: the user turn that asks for the final answer.
     host_workers: threads that judge and preprocess renders.
     max_error_chars: render error text longer than this is cut in the middle.
+    max_response_tokens: an appended tool response (images, text, the next header) has at most
+      this many tokens; longer text is cut in the middle (None: no limit).
+    score_drafts: also judge each tool call's render in 'score' mode (`ToolCallRecord.draft_score`,
+      `Trajectory.first_draft_score`): the first draft's R_vision for evaluation tables.
+    judge_failure: 'raise' (a `JudgeUnavailableError` ends the call) or 'drop' (the row goes on
+      without comments and is marked `judge_failed`).
     first_row: the global id of this call's first row (multi-host: this host's offset). Row b
       samples with its own key, `fold_in(fold_in(key, turn), first_row + b)`, so the samples do not
       depend on how the rows are split over hosts.
@@ -554,6 +644,8 @@ def run_episodes(
     raise ValueError(f"max_turns must be >= 1, got {max_turns}")
   if on_budget not in ON_BUDGET:
     raise ValueError(f"on_budget must be one of {ON_BUDGET}, got {on_budget!r}")
+  if judge_failure not in JUDGE_FAILURE:
+    raise ValueError(f"judge_failure must be one of {JUDGE_FAILURE}, got {judge_failure!r}")
   if not len(targets):
     raise ValueError("run_episodes needs at least one target image")
   env.tool_for_kind(task)  # a clear error for an unknown task
@@ -566,7 +658,7 @@ def run_episodes(
     answer_check.prompt_segment(
       sampler.tokenizer,
       target,
-      instruction=default_instruction(task) if instruction is None else instruction,
+      instruction=env.task_instruction(task) if instruction is None else instruction,
       proc_cfg=proc_cfg,
       system_prompt=system_prompt,
       tools=env.tool_schemas(task),
@@ -584,6 +676,7 @@ def run_episodes(
     forcing=on_budget == "force_answer",
     force_answer_prompt=force_answer_prompt,
     max_error_chars=max_error_chars,
+    max_response_tokens=max_response_tokens,
   )
   driver.check_first_turn(prompts)
   rows = [
@@ -596,7 +689,16 @@ def run_episodes(
     row.images.append((p.pixel_values, np.asarray(p.image_grid_thw).reshape(-1, 3)))
   stats.prepare_s = time.perf_counter() - start
 
-  host = _Host(render_submit, judge, target_images, task, proc_cfg, host_workers)
+  host = _Host(
+    render_submit,
+    judge,
+    target_images,
+    task,
+    proc_cfg,
+    host_workers,
+    score_drafts=score_drafts,
+    judge_failure=judge_failure,
+  )
   try:
     session = driver.timed(sampler.prefill, prompts)
     session = driver.timed(sampler.fork, session, group_size)
@@ -642,15 +744,14 @@ class _Driver:
   forcing: bool  # on_budget == 'force_answer'
   force_answer_prompt: str
   max_error_chars: int
+  max_response_tokens: int | None
 
   def __post_init__(self) -> None:
     tok = self.sampler.tokenizer
     self.im_end = tokens.token_id(tok, tokens.IM_END)
-    nudge = [{"role": "user", "content": self.force_answer_prompt}]
     # The forced-answer request, after a turn that stopped at <|im_end|> (False) or did not (True).
     self.nudge_ids = {
-      close: _append_segment(tok, nudge, (), self.proc_cfg, close).token_ids
-      for close in (False, True)
+      close: _nudge_ids(tok, self.force_answer_prompt, close) for close in (False, True)
     }
     # Room a normal turn leaves for a forced answer after it: tokens, and cache slots.
     longest = len(self.nudge_ids[True])
@@ -706,9 +807,12 @@ class _Driver:
           row.pending.append((k, host.submit(call.code, row.prompt_index, "feedback")))
       return
     _not_run(row, record)
-    if parsed.action == "answer":
+    if parsed.action == "answer" and not parsed.answer.ok and completion.finish_reason == "length":
+      # Cut off inside <answer>: not the policy's answer, so not rendered (no R_vision).
+      _end(row, "turn_length")
+    elif parsed.action == "answer":
       _end(row, "answer")
-      if parsed.answer.code is not None:
+      if parsed.answer.ok:
         row.final = host.submit(parsed.answer.code, row.prompt_index, "score")
     elif forced:  # the forced answer did not come: the episode ends at its limit
       _end(row, row.limit)
@@ -796,6 +900,8 @@ class _Driver:
         self.stats.render_s += outcome.render_s
         self.stats.judge_s += outcome.judge_s
         self.stats.judge_calls += int(verdict is not None)
+        self.stats.judge_failures += int(outcome.judge_error is not None)
+        row.judge_failed |= outcome.judge_error is not None
       feedback = None if verdict is None else verdict.feedback
       response = env.make_tool_response(
         call, render, feedback, max_error_chars=self.max_error_chars
@@ -814,9 +920,12 @@ class _Driver:
           feedback_score=None if verdict is None else verdict.score,
           response_status=response.status,
           has_image=response.has_image,
+          draft_score=_draft_score(outcome),
         )
       )
-    return _append_segment(self.sampler.tokenizer, messages, pictures, self.proc_cfg, close)
+    return _append_segment(
+      self.sampler.tokenizer, messages, pictures, self.proc_cfg, close, self.max_response_tokens
+    )
 
   def record_appended(self, row: _Row, segment: sampler_lib.Segment, turn: int) -> None:
     """Adds an appended turn's tokens and images to the row's trajectory."""
@@ -828,6 +937,22 @@ class _Driver:
       grids = np.asarray(segment.image_grid_thw).reshape(-1, 3)
       pixels = np.split(segment.pixel_values, np.cumsum(grids.prod(axis=1))[:-1])
       row.images += [(p, g[None]) for p, g in zip(pixels, grids, strict=True)]
+
+
+def _draft_score(outcome: _Outcome | None) -> float | None:
+  """A tool call's 'score'-mode judgement: 0 when its code did not render, None when not asked."""
+  if outcome is None:
+    return None
+  if not outcome.render.ok:
+    return 0.0
+  return outcome.draft_score
+
+
+def _nudge_ids(tok: tokens.Tokenizer, prompt: str, close_open_turn: bool) -> np.ndarray:
+  """Tokens of the forced-answer request appended after a turn (and the next header)."""
+  nudge = [{"role": "user", "content": prompt}]
+  piece = chat.append_turn_ids(tok, nudge, close_open_turn=close_open_turn)
+  return piece.input_ids
 
 
 def _not_run(row: _Row, record: _Turn) -> None:
@@ -863,6 +988,8 @@ def _finish(row: _Row, final: _Outcome | None, config: env.RewardConfig, stats) 
     stats.render_s += final.render_s
     stats.judge_s += final.judge_s
     stats.judge_calls += int(verdict is not None)
+    stats.judge_failures += int(final.judge_error is not None)
+    row.judge_failed |= final.judge_error is not None
   parsed = [t.parsed for t in row.turns]
   score = None
   if render is not None and render.ok:
@@ -873,6 +1000,8 @@ def _finish(row: _Row, final: _Outcome | None, config: env.RewardConfig, stats) 
     tool_render_statuses=tuple(None if r is None else str(r.status) for r in row.tool_renders),
     final_render_status=None if render is None else str(render.status),
     final_score=score,
+    # A call counts toward R_tool only if its response reached the policy (not cut at a limit).
+    tool_calls_seen=tuple(c.response_status is not None for t in row.turns for c in t.calls),
   )
   turns = tuple(
     TurnRecord(
@@ -903,6 +1032,7 @@ def _finish(row: _Row, final: _Outcome | None, config: env.RewardConfig, stats) 
     forced_answer=row.forced_answer,
     final_render=render,
     final_judge=verdict,
+    judge_failed=row.judge_failed,
   )
   stats.forced_answers += int(trajectory.forced_answer)
   stats.hit_max_turns += int(trajectory.limit == "max_turns")

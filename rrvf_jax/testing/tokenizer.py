@@ -85,6 +85,37 @@ _CORPUS = (
   '<tool_response>\nError: Traceback (most recent call last):\n  File "<string>", line 3\n'
   "NameError: name 'np' is not defined\n</tool_response>\n",
   "<answer>\nimport matplotlib.pyplot as plt\nplt.bar([1, 2], [3, 4])\nplt.show()\n</answer>\n",
+  # RRVF episodes: the task prompt, the tool schema, thoughts, tool calls, judge comments.
+  "Reproduce this chart with Python matplotlib code. Think in <think></think>, call render_chart "
+  "to see your code's render and how it differs from the target, revise, then give the final code "
+  "in <answer></answer>.\n",
+  "Reproduce this web page as one HTML document with inline CSS. Think in <think></think>, call "
+  "render_html to see your page's render and how it differs from the target, revise, then give "
+  "the final HTML in <answer></answer>.\n",
+  '{"type": "function", "function": {"name": "render_chart", "description": "Render matplotlib '
+  'code; returns the image and how it differs from the target.", "parameters": {"type": '
+  '"object", "properties": {"code": {"type": "string", "description": "A complete Python script '
+  'that draws the chart with matplotlib."}}, "required": ["code"]}}}\n',
+  "<think>The target is a bar chart. I will render a draft to compare.</think>\n"
+  "<think>The target is a line chart, a scatter plot, a pie chart, a histogram, an area chart, a "
+  "grouped bar chart.</think>\n",
+  "<think>The render differs: my render uses the colour tab:red where the target uses tab:blue. "
+  "I will fix it.</think>\n<think>The render matches the target.</think>\n",
+  "my render's title is 'Sales' where the target's is 'Votes'; my render shows the value 4 where "
+  "the target shows 2; my render draws a line chart where the target has a bar chart; my render's "
+  "labels are A, B, C where the target's are Mon, Tue, Wed; my render has no legend where the "
+  "target has one; my render's bars are horizontal where the target's are vertical.\n",
+  '<tool_call>\n{"name": "render_chart", "arguments": {"code": "import matplotlib.pyplot as '
+  "plt\\nplt.bar(['A','B','C'],[3,1,2],color='tab:blue')\\nplt.plot([0,1,2],[5,2,7],"
+  "color='tab:orange',marker='o')\\nplt.scatter([1,4,6],[2,8,3],color='tab:green')\\n"
+  "plt.title('Sales')\\n\"}}\n</tool_call>\n",
+  "<tool_response>\n---Comments:\n-**Shapes**- Shapes do not line up with the reference: "
+  "positions and sizes of elements (bars, lines, boxes) differ; check the data values, axis ranges "
+  "and element sizes.\n-**Colour**- The colours differ: the reference's main colours are #1f77b4 "
+  "(80%); yours are #d62728.\n-**Layout**- The layout differs: the reference has content in the "
+  "top-left that yours lacks.\n-**Text**- Text differs: the reference has about 3 lines of text, "
+  "yours about 2 (titles, labels, legends, annotations).\n-**Overall**- The render closely "
+  "matches the reference; only small details differ.\n</tool_response>\n",
   # A little non-ASCII text, so multi-byte characters get merges too.
   "Café, naïve, résumé, Zürich, 東京, 数据可视化, Привет, ½ ± ×, emoji 📊.\n",
 )

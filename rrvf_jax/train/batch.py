@@ -8,7 +8,14 @@ Gradient accumulation takes a batch whose leaves all have a leading micro-batch 
 Micro-batches are built on the host, each with its own `prepare_inputs`, because a `ModelInputs`
 cannot be split inside jit: its `pixel_values [P, D]` are flattened over the batch's images and its
 vision index holds batch-global positions. Stacking needs equal shapes in every micro-batch, which
-fixed length buckets and a fixed image canvas (one image per example) give.
+fixed length buckets and a fixed image canvas give.
+
+Row image slots: when every image of a batch has one size (a fixed canvas), row b's j-th image sits
+in slot `b * S + j` of `pixel_values [B * S, P, D]` (unused slots are zeros) and the vision index is
+that of ONE image (`row_image_slots`); the forward encodes the slots one by one and puts each row's
+features on its own image tokens (`row_slot_hidden_states`). Nothing then addresses the batch as a
+whole, so such a batch splits along rows (micro-batches, shards, hosts) like every other field,
+and conversations with different numbers of images share one shape.
 """
 
 from __future__ import annotations
@@ -21,7 +28,65 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rrvf_jax import sharding as sharding_lib
-from rrvf_jax.models.qwen_vl.model import ModelInputs
+from rrvf_jax.models.qwen_vl import rope
+from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask, merge_row_image_features
+
+Image = tuple[np.ndarray, np.ndarray]  # (pixel_values [P, D], image_grid_thw [1, 3]) of one image
+
+
+def row_image_slots(
+  images: Sequence[Sequence[Image]], images_per_row: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """(slots `[rows * S, P, D]` float32, the images' one grid `[1, 3]`) of each row's images.
+
+  ValueError when a row has more than S images or the images differ in size.
+  """
+  grids = [np.asarray(g).reshape(1, 3) for row in images for _, g in row]
+  if not grids:
+    raise ValueError("row_image_slots needs at least one image")
+  grid = np.concatenate(grids)
+  if np.any(grid != grid[0]):
+    raise ValueError(
+      f"row image slots need every image at one size; grids {np.unique(grid, axis=0).tolist()}"
+    )
+  patches = next(np.asarray(p) for row in images for p, _ in row)
+  slots = np.zeros((len(images) * images_per_row, *patches.shape), np.float32)
+  for b, row in enumerate(images):
+    if len(row) > images_per_row:
+      raise ValueError(f"row {b} has {len(row)} images, more than the {images_per_row} slots")
+    for j, (pixels, _) in enumerate(row):
+      slots[b * images_per_row + j] = pixels
+  return slots, grid[:1]
+
+
+def slot_inputs(cfg, ids, mask, images: Sequence[Sequence[Image]], images_per_row: int):
+  """`ModelInputs` with row image slots (host NumPy): ids, mask, M-RoPE positions, slots, index."""
+  slots, grid = row_image_slots(images, images_per_row)
+  all_grids = np.concatenate([np.asarray(g).reshape(1, 3) for row in images for _, g in row])
+  positions, _ = rope.get_rope_index(
+    ids,
+    all_grids,
+    mask,
+    image_token_id=cfg.image_token_id,
+    spatial_merge_size=cfg.vision.spatial_merge_size,
+  )
+  return ModelInputs(ids, mask, positions, slots, rope.make_vision_index(grid, cfg.vision))
+
+
+def row_slot_hidden_states(model, inputs: ModelInputs) -> jax.Array:
+  """Final-norm hidden states `[B, L, E]` of a batch with row image slots."""
+  features = jax.lax.map(
+    lambda px: model.encode_images(px, inputs.vision_index), inputs.pixel_values
+  )
+  rows = inputs.input_ids.shape[0]
+  features = features.reshape(rows, -1, features.shape[-1])  # [B, images per row x tokens, E]
+  embeds = merge_row_image_features(
+    model.text.embed_tokens(inputs.input_ids),
+    inputs.input_ids,
+    features,
+    model.config.image_token_id,
+  )
+  return model.text(embeds, inputs.positions, causal_mask(inputs.attention_mask))
 
 
 def stack_micro_batches(batches: Sequence[Any]) -> Any:

@@ -24,9 +24,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from rrvf_jax import checkpoint, env, metrics, roles
-from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
-from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask, merge_row_image_features
+from rrvf_jax.models.qwen_vl.model import ModelInputs
 from rrvf_jax.processing import tokens
 from rrvf_jax.rl import algorithms, dynamic_sampling
 from rrvf_jax.rollout import episode, sampling
@@ -47,6 +46,13 @@ RESUMABLE_KEYS = (
   "grpo.images_every",
   "grpo.eval_examples",
 )
+
+
+# Padded lengths of update batches: finer than the sampler's powers of two, because attention
+# cost grows with the square of the length and multi-turn trajectories often land just above one.
+TRAIN_BUCKETS = (
+  256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768,
+)  # fmt: skip
 
 
 @jax.tree_util.register_dataclass
@@ -89,34 +95,16 @@ def make_grpo_batch(
 
   `loss_mask_rows` `[B]` (optional) zeroes whole rows (overlong filtering, filler groups).
   """
-  rows = len(trajectories)
   ids, mask, targets, loss_mask, old = episode.token_arrays(trajectories, length, pad_id)
   if loss_mask_rows is not None:
     loss_mask *= np.asarray(loss_mask_rows, np.float32)[:, None]
-  pixels, grids, slot_ids = [], [], []
   for b, t in enumerate(trajectories):
     if len(t.images) > images_per_row:
       raise ValueError(f"trajectory {b} shows {len(t.images)} images, more than {images_per_row}")
-    for j, (px, grid) in enumerate(t.images):
-      pixels.append(np.asarray(px, np.float32))
-      grids.append(np.asarray(grid).reshape(1, 3))
-      slot_ids.append(b * images_per_row + j)
-  grid = np.concatenate(grids)
-  if np.any(grid != grid[0]):
-    raise ValueError(
-      f"all images of a GRPO batch must share one canvas; grids {np.unique(grid, axis=0).tolist()}"
-    )
-  positions, _ = rope.get_rope_index(
-    ids,
-    grid,
-    mask,
-    image_token_id=cfg.image_token_id,
-    spatial_merge_size=cfg.vision.spatial_merge_size,
-  )
-  slots = np.zeros((rows * images_per_row, *pixels[0].shape), np.float32)
-  slots[slot_ids] = np.stack(pixels)
-  index = rope.make_vision_index(grid[:1], cfg.vision)
-  inputs = ModelInputs(ids, mask, positions, slots, index)
+  try:
+    inputs = batch_lib.slot_inputs(cfg, ids, mask, [t.images for t in trajectories], images_per_row)
+  except ValueError as e:
+    raise ValueError(f"all images of a GRPO batch must share one canvas: {e}") from None
   return GRPOBatch(inputs, targets, loss_mask, old, np.asarray(advantages, np.float32))
 
 
@@ -141,19 +129,7 @@ def policy_logprobs(
   with_entropy: bool = False,
 ):
   """Per-position log-probs of the targets `[B, L]` (and entropies) under the tempered policy."""
-  inputs = batch.inputs
-  features = jax.lax.map(
-    lambda px: model.encode_images(px, inputs.vision_index), inputs.pixel_values
-  )
-  rows = inputs.input_ids.shape[0]
-  features = features.reshape(rows, -1, features.shape[-1])  # [B, images per row x tokens, E]
-  embeds = merge_row_image_features(
-    model.text.embed_tokens(inputs.input_ids),
-    inputs.input_ids,
-    features,
-    model.config.image_token_id,
-  )
-  hidden = model.text(embeds, inputs.positions, causal_mask(inputs.attention_mask))
+  hidden = batch_lib.row_slot_hidden_states(model, batch.inputs)
   if temperature > 0:
     # The LM head is linear without bias: logits / T == head(hidden / T).
     hidden = hidden / temperature
@@ -252,10 +228,20 @@ def sampling_params(stage: sft_loop.Stage, *, greedy: bool = False):
 
 
 def play(
-  stage, sampler, environment, images, *, group_size, params, key, first_row: int = 0
+  stage,
+  sampler,
+  environment,
+  images,
+  *,
+  group_size,
+  params,
+  key,
+  first_row: int = 0,
+  score_drafts: bool = False,
 ) -> episode.EpisodeBatch:
   """Episodes on target images with the stage's prompts and limits (row ids from `first_row`)."""
   c = stage.config.grpo
+  drop = stage.config.judge.get("on_unavailable", "wait") == "drop_group"
   return episode.run_episodes(
     sampler,
     images,
@@ -272,6 +258,9 @@ def play(
     system_prompt=stage.system_prompt,
     proc_cfg=stage.proc_cfg,
     reward_config=environment.reward_config,
+    max_response_tokens=c.max_response_tokens,
+    score_drafts=score_drafts,
+    judge_failure="drop" if drop else "raise",
     first_row=first_row,
   )
 
@@ -283,8 +272,12 @@ def to_sampler_mesh(stage: sft_loop.Stage, params):
   return roles.transfer(params, placement, shardings)
 
 
-def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int):
-  """(sampler on this host's sampler mesh, `update(params)` that gives it the trainer's weights)."""
+def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int | None = None):
+  """(sampler on this host's sampler mesh, `update(params)` that gives it the trainer's weights).
+
+  `cache_length` None: the stage's (`pipeline.episode_budget`), else `grpo.max_total_tokens`.
+  """
+  cache_length = cache_length or stage.cache_length or stage.config.grpo.max_total_tokens
   sampler = sampler_lib.Sampler(
     nnx.merge(graphdef, to_sampler_mesh(stage, params)),
     stage.tokenizer,
@@ -312,13 +305,21 @@ def max_over_hosts(value: int) -> int:
 
 
 def episode_summary(trajectories: Sequence[episode.Trajectory]) -> dict[str, float]:
-  """Means over episodes: reward parts, final exec rate, turns, tool calls, policy tokens."""
+  """Means over episodes: reward parts, final exec rate, turns, tool calls, policy tokens.
+
+  `r_vision_first` (the first draft's R_vision; see `Trajectory.first_draft_score`) is there when
+  the episodes were played with `score_drafts`.
+  """
   n = max(len(trajectories), 1)
 
   def mean(fn) -> float:
     return float(sum(fn(t) for t in trajectories) / n)
 
-  return {
+  first = [t.first_draft_score for t in trajectories]
+  extra = {}
+  if trajectories and all(f is not None for f in first):
+    extra["r_vision_first"] = float(sum(first) / n)
+  return extra | {
     "reward": mean(lambda t: t.reward.total),
     "r_vision": mean(lambda t: t.reward.vision),
     "r_format": mean(lambda t: t.reward.format),
@@ -327,9 +328,11 @@ def episode_summary(trajectories: Sequence[episode.Trajectory]) -> dict[str, flo
     "answered": mean(lambda t: t.end_reason == "answer"),
     "turns": mean(lambda t: t.num_turns),
     "tool_calls": mean(lambda t: t.reward.n_tool_calls),
+    "tool_call_rate": mean(lambda t: t.reward.n_tool_calls > 0),
     "tool_calls_ok": mean(lambda t: t.reward.n_successful_tool_calls),
     "policy_tokens": mean(lambda t: t.num_policy_tokens),
     "truncated": mean(lambda t: t.truncated),
+    "judge_failed": mean(lambda t: t.judge_failed),
   }
 
 
@@ -347,6 +350,7 @@ def evaluate(stage, sampler, environment, examples, *, batch_size: int) -> dict[
       group_size=1,
       params=sampling_params(stage, greedy=True),
       key=jax.random.key(0),
+      score_drafts=True,
     )
     trajectories += played.trajectories[: len(images)]
   return episode_summary(trajectories) | {"items": len(trajectories)}
@@ -400,7 +404,7 @@ class _Trainer:
     c = self.stage.config.grpo
     # One length on every host: the global batch is assembled from the hosts' shares.
     longest = max_over_hosts(max(t.length for t in trajectories))
-    length = sampler_lib.bucket_length(longest, sampler_lib.DEFAULT_BUCKETS)
+    length = sampler_lib.bucket_length(longest, TRAIN_BUCKETS)
     pad_id = tokens.special_token_ids(self.stage.tokenizer).pad_token_id
     parts = []
     for part in _split(len(trajectories), self.micro_batches):
@@ -469,9 +473,7 @@ def run(stage: sft_loop.Stage, source, model: nnx.Module, environment: Environme
       start = 0
     trainer = _Trainer(stage, graphdef, tx, schedule, rl_cfg)
     # Built from the restored (or initial) weights; every step hands it the current ones.
-    sampler, update_sampler = make_sampler(
-      stage, graphdef, state.params, cache_length=c.max_total_tokens
-    )
+    sampler, update_sampler = make_sampler(stage, graphdef, state.params)
     state = _loop(
       stage,
       stage_dir,
@@ -530,13 +532,15 @@ def _loop(
         )
         truncated = np.asarray([t.truncated for t in trajectories])
         keep = algorithms.loss_mask_for(rl_cfg, np.ones((len(trajectories), 1)), truncated)[:, 0]
-        keep = keep * np.repeat(keep_groups, c.group_size)
+        judged = judged_groups(trajectories, c.group_size)
+        keep = keep * np.repeat(keep_groups * judged, c.group_size)
         with timer("update"):
           state, update_metrics = _update(
             trainer, state, trajectories, advantages, keep, ref_params
           )
         host_scalars = (
           {f"grpo/{k}": v for k, v in episode_summary(trajectories).items()}
+          | {"grpo/dropped_groups": float(len(judged) - judged.sum())}
           | played.stats.as_dict("rollout/")
           | timer.scalars()
         )
@@ -561,6 +565,16 @@ def _loop(
     finally:
       stop.uninstall()
   return state
+
+
+def judged_groups(trajectories: Sequence[episode.Trajectory], group_size: int) -> np.ndarray:
+  """1.0 per group whose rewards all come from the judge, 0.0 where a judge call failed.
+
+  A group with a failed judge call would compare rewards of two scales (or an unjudged 0), so it
+  is left out of the update (`judge.on_unavailable='drop_group'`).
+  """
+  failed = np.asarray([t.judge_failed for t in trajectories], bool)
+  return (~failed.reshape(-1, group_size).any(axis=1)).astype(np.float64)
 
 
 def _select(trajectories, rl_cfg, c, prompts: int):

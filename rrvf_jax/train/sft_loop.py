@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -68,6 +69,8 @@ class Stage:
   system_prompt: str | None
   tools: tuple[dict[str, Any], ...] | None = None  # the render tool's schema in the system prompt
   sampler_mesh: Mesh | None = None  # this host's sampler mesh (None: the trainer's `mesh`)
+  # Cache length of the episodes' sampler (`pipeline.episode_budget`; None: grpo.max_total_tokens).
+  cache_length: int | None = None
 
 
 def make_optimizer(c: ml_collections.ConfigDict):
@@ -104,12 +107,25 @@ def open_stage(stage: Stage, name: str, source, batch_size: int, *, seed: int, r
   return stage_dir, iterator, ckpt
 
 
-def decoded_examples(raw: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Dataset records with the PNG decoded (a corrupt image raises a ValueError naming it)."""
-  return [
-    {"id": r["id"], "image": data_lib.decode_image(r["image"], r["id"]), "code": r["code"]}
-    for r in raw
-  ]
+def decoded_examples(
+  raw: Sequence[Mapping[str, Any]], *, conversations: bool = False
+) -> list[dict[str, Any]]:
+  """Dataset records with the PNGs decoded (a corrupt image raises a ValueError naming it).
+
+  With `conversations`, a record's `conversation` (JSON) and `turn_images` come along decoded.
+  """
+  out = []
+  for r in raw:
+    image = data_lib.decode_image(r["image"], r["id"])
+    example = {"id": r["id"], "image": image, "code": r["code"]}
+    if conversations and r.get("conversation"):
+      example["conversation"] = json.loads(r["conversation"])
+      example["turn_images"] = [
+        data_lib.decode_image(png, f"{r['id']} (turn image {k})")
+        for k, png in enumerate(r.get("turn_images", ()))
+      ]
+    out.append(example)
+  return out
 
 
 def run(stage: Stage, source: data_lib.ExampleSource) -> nnx.Module:
@@ -165,17 +181,25 @@ def _initial_state(stage: Stage, tx, ckpt: checkpoint.Checkpointer, iterator):
 def _train(stage: Stage, stage_dir: str, ckpt, iterator, train_step, state, start: int):
   """The step loop: batches, updates, NaN guard, metrics, checkpoints, SIGTERM."""
   c = stage.config.sft
-  make_batch = functools.partial(
+  common = functools.partial(
     sft.make_sft_batch,
     stage.tokenizer,
     stage.model_config,
-    max_length=c.max_length,
     image_processor_cfg=stage.proc_cfg,
     system_prompt=stage.system_prompt,
     instruction=stage.instruction,
     tools=stage.tools,
     micro_batches=c.micro_batches,
     hosts=jax.process_count(),
+    max_response_tokens=stage.config.grpo.max_response_tokens,
+  )
+  # A curriculum: the first `answer_steps` learn to write the code (answer-only replies, short
+  # sequences), the rest the whole loop. The step decides the phase, so a resume keeps it.
+  answers = functools.partial(
+    common, max_length=c.answer_max_length, max_images=min(c.max_images, 1), use_conversation=False
+  )
+  whole = functools.partial(
+    common, max_length=c.max_length, max_images=c.max_images, use_conversation=c.conversations
   )
   progress = metrics.ProgressLogger(c.steps, c.log_every, keys=("loss", "grad_norm", "lr"))
   progress.start(start)
@@ -185,7 +209,8 @@ def _train(stage: Stage, stage_dir: str, ckpt, iterator, train_step, state, star
     try:
       for i in range(start, c.steps):
         with timer("data"):
-          batch = make_batch(decoded_examples(next(iterator)))
+          make_batch = answers if i < c.answer_steps else whole
+          batch = make_batch(decoded_examples(next(iterator), conversations=c.conversations))
           batch = batch_lib.host_batch_to_global(
             batch, stage.mesh, stage.rules, micro_batches=c.micro_batches
           )

@@ -11,6 +11,7 @@ import pytest
 
 from rrvf_jax import data
 from rrvf_jax.data import ManualDataError
+from rrvf_jax.train import sft, sft_loop
 
 
 def _load(name, split, tmp_path, manual_dir, **kwargs):
@@ -111,6 +112,42 @@ def test_coldstart_jsonl_splits(tmp_path, make_png):
     data.decode_image(second["image"], "custom"), data.decode_image(make_png(value=2), "x")
   )
   assert len(_load("rrvf_coldstart", "test", tmp_path, manual)) == 1
+
+
+def test_coldstart_conversation_images_become_turn_images(tmp_path, make_png):
+  manual = tmp_path / "manual"
+  (manual / "images").mkdir(parents=True)
+  for name, value in (("t", 1), ("r1", 2), ("r2", 3)):
+    (manual / "images" / f"{name}.png").write_bytes(make_png(value=value))
+  call = '<tool_call>\n{"name": "render_chart", "arguments": {"code": "x"}}\n</tool_call>'
+
+  def tool(name):
+    return {"role": "tool", "content": [{"type": "image", "image": f"images/{name}.png"}]}
+
+  prompt = [{"type": "image", "image": "images/t.png"}, {"type": "text", "text": "Draw"}]
+  messages = [
+    {"role": "user", "content": prompt},
+    {"role": "assistant", "content": call},
+    tool("r1"),
+    {"role": "assistant", "content": call},
+    tool("r2"),
+    {"role": "assistant", "content": "<answer>x</answer>"},
+  ]
+  line = {"image": "images/t.png", "code": "x", "messages": messages}
+  (manual / "train.jsonl").write_text(json.dumps(line))
+  (record,) = list(_load("rrvf_coldstart", "train", tmp_path, manual))
+  stored = json.loads(record["conversation"])
+  assert stored[0] == messages[0]  # the prompt's image stays (the target is `image`)
+  assert stored[2]["content"] == [{"type": "image"}] == stored[4]["content"]
+  assert [data.decode_image(p, "r")[0, 0, 0] for p in record["turn_images"]] == [
+    data.decode_image(make_png(value=v), "v")[0, 0, 0] for v in (2, 3)
+  ]
+  # SFT reads it as a whole conversation: two renders after the target.
+  (example,) = sft_loop.decoded_examples([record], conversations=True)
+  assert len(example["turn_images"]) == 2 and len(sft.conversation_turns(example)) == 5
+  (manual / "images" / "r2.png").unlink()
+  with pytest.raises(ValueError, match=r"train.jsonl:1 \(message 4\): image file .*r2.png"):
+    _load("rrvf_coldstart", "train", tmp_path / "again", manual)
 
 
 @pytest.mark.parametrize("name", ["chartmimic", "plot2code", "websight", "rrvf_coldstart"])

@@ -20,7 +20,15 @@ CONFIG_NAME = "simple-112x84-dpi48-train10-test4-seed0"  # the name of conftest'
 
 def test_records_have_the_documented_fields(charts_dir, charts_train):
   assert len(charts_train) == 10
-  assert set(charts_train.feature_names) == {"chart_type", "code", "id", "image", "num_subplots"}
+  assert set(charts_train.feature_names) == {
+    "chart_type",
+    "code",
+    "id",
+    "image",
+    "num_subplots",
+    "conversation",
+    "turn_images",
+  }
   assert set(charts_train[0]) == set(charts_train.feature_names)
   example = charts_train[0]
   assert example["id"] == "train-000000"
@@ -34,7 +42,7 @@ def test_records_have_the_documented_fields(charts_dir, charts_train):
   with pytest.raises(IndexError, match="index 10 out of range"):
     charts_train[10]
   files = sorted(
-    p.name for p in (charts_dir / "synthetic_charts" / CONFIG_NAME / "1.0.0").iterdir()
+    p.name for p in (charts_dir / "synthetic_charts" / CONFIG_NAME / "1.1.0").iterdir()
   )
   assert "synthetic_charts-train.array_record-00000-of-00001" in files
   assert "tensorflow" not in sys.modules  # nothing on this path imported TensorFlow
@@ -70,7 +78,7 @@ def test_plain_tfds_apis_read_the_files(charts_dir):
   """tfds.data_source (config parsed from its name) and builder_from_directory both work."""
   source = tfds.data_source(f"synthetic_charts/{CONFIG_NAME}", split="test", data_dir=charts_dir)
   assert len(source) == 4 and source[0]["id"] == b"test-000000"
-  path = charts_dir / "synthetic_charts" / CONFIG_NAME / "1.0.0"
+  path = charts_dir / "synthetic_charts" / CONFIG_NAME / "1.1.0"
   reader = tfds.builder_from_directory(str(path)).as_data_source(split="train")
   assert reader[2]["id"] == b"train-000002"
   info = json.loads((path / "dataset_info.json").read_text())
@@ -117,7 +125,7 @@ def test_full_complexity_builds(tmp_path):
 def test_synthetic_web_builds(tmp_path):
   params = dict(complexity="simple", width=160, height=120, num_train=3, num_test=2)
   source = data.load("synthetic_web", "train", data_dir=tmp_path, **params)
-  assert set(source[0]) == {"code", "id", "image", "num_sections", "page_type"}
+  assert set(source[0]) >= {"code", "id", "image", "num_sections", "page_type", "conversation"}
   example = source[1]
   assert example["id"] == "train-000001"
   assert example["code"].startswith("<body")
@@ -126,3 +134,21 @@ def test_synthetic_web_builds(tmp_path):
   assert data.decode_image(example["image"], example["id"]).shape == (120, 160, 3)
   test = data.load("synthetic_web", "test", data_dir=tmp_path, **params)
   assert len(test) == 2 and not {e["code"] for e in test} & {e["code"] for e in source}
+
+
+def test_train_examples_carry_self_correction_trajectories(charts_dir, charts_train, tiny_charts):
+  from rrvf_jax.env import parse_turn
+
+  rounds = []
+  for example in charts_train:
+    turns = json.loads(example["conversation"])
+    calls = [t for t in turns[:-1] if t["role"] == "assistant"]
+    assert len(calls) == len(example["turn_images"]) == sum(t["role"] == "tool" for t in turns)
+    rounds.append(len(calls))
+    last = parse_turn(turns[-1]["content"], "chart")
+    assert last.answer.ok and last.answer.code == example["code"].strip("\n")
+    for png in example["turn_images"]:  # the renders the tool responses show
+      assert data.decode_image(png, example["id"]).shape == (84, 112, 3)
+  assert set(rounds) >= {0, 1}  # a mix (the 10 examples of seed 0 also have 2 rounds)
+  test = data.load("synthetic_charts", "test", data_dir=charts_dir, build=False, **tiny_charts)
+  assert all(e["conversation"] == "" and len(e["turn_images"]) == 0 for e in test)

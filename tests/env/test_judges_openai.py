@@ -195,6 +195,15 @@ def test_wait_policy_keeps_retrying_past_max_retries(server):
   assert judge.metrics()["retries"] == 6
 
 
+def test_the_default_policy_waits_and_never_answers_with_another_judge(server):
+  # A training run must never mix two judges' scales in one group: the default waits it out.
+  server.mode, server.fail_first = "error", 3
+  judge = make(server, max_retries=1)
+  assert judge.config.on_unavailable == "wait"
+  result = judge.judge(image(0), image(0))
+  assert result.source == "openai" and judge.metrics()["fallbacks"] == 0
+
+
 def test_wait_policy_gives_up_after_max_wait(server):
   server.mode, server.fail_first = "error", None
   judge = make(server, on_unavailable="wait", max_wait_s=0.4, backoff_max_s=0.1)
@@ -233,7 +242,7 @@ def test_client_errors_are_not_retried(server):
     judge.judge(image(0), image(0))
   assert server.count() == 1 and judge.metrics()["retries"] == 0
   # A 400 is about one request, so 'fallback_local' may answer it.
-  fallback = make(server)
+  fallback = make(server, on_unavailable="fallback_local")
   assert fallback.judge(image(0), image(0)).source == "fallback_local"
 
 
@@ -247,7 +256,11 @@ def test_connection_refused_counts_and_falls_back():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]  # closed again before use: nothing listens there
-  judge = make_judge("openai", base_url=f"http://127.0.0.1:{port}/v1", **{**FAST, "max_retries": 1})
+  judge = make_judge(
+    "openai",
+    base_url=f"http://127.0.0.1:{port}/v1",
+    **{**FAST, "max_retries": 1, "on_unavailable": "fallback_local"},
+  )
   result = judge.judge(image(0), image(0))
   assert result.source == "fallback_local"
   assert judge.metrics()["connection_errors"] == 2 and judge.metrics()["fallbacks"] == 1
@@ -307,7 +320,9 @@ def test_concurrency_limit_is_respected(server):
 
 def test_circuit_opens_after_repeated_failures(server):
   server.mode, server.fail_first = "error", None
-  judge = make(server, max_retries=0, circuit_after=2, circuit_cooldown_s=60)
+  judge = make(
+    server, max_retries=0, circuit_after=2, circuit_cooldown_s=60, on_unavailable="fallback_local"
+  )
   for i in range(4):
     assert judge.judge(image(0), image(i)).source == "fallback_local"
   m = judge.metrics()

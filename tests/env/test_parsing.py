@@ -159,6 +159,22 @@ def test_code_argument_aliases_and_web_tool():
   assert call.ok and call.code == "<html></html>" and call.name == "render_html"
 
 
+def test_the_papers_tool_names_are_accepted():
+  # Regression: the paper's `html_render_and_compare_tool` (argument `html_code`) was rejected as
+  # an unknown tool, so a policy trained on the paper's format got no render.
+  body = json.dumps(
+    {"name": "html_render_and_compare_tool", "arguments": {"html_code": "<p>Hi</p>"}}
+  )
+  turn = parse_turn(f"<think>a page</think>\n<tool_call>\n{body}\n</tool_call>", "web")
+  (call,) = turn.tool_calls
+  assert call.ok and call.executable and call.code == "<p>Hi</p>"
+  chart = json.dumps({"name": "chart_render_and_compare_tool", "arguments": {"python_code": "x"}})
+  assert parse_tool_call(chart).ok
+  unknown = parse_tool_call(json.dumps({"name": "draw", "arguments": {"code": "x"}}))
+  assert unknown.status is CallStatus.UNKNOWN_TOOL and "render_chart" in unknown.message
+  assert "chart_render_and_compare_tool" not in unknown.message  # aliases stay unadvertised
+
+
 def test_html_with_unescaped_attribute_quotes_is_salvaged():
   body = '{"name": "render_html", "arguments": {"code": "<div class="card">Hi {x}</div>"}}'
   call = parse_tool_call(body, (WEB_TOOL,))

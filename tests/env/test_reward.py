@@ -197,3 +197,24 @@ def test_from_results_and_final_answer():
   r = compute_reward(summary)
   assert r.vision == 0.75 and r.tool == 1.0 and r.n_successful_tool_calls == 1
   assert final_answer(turns) == "y = 2" and final_answer(turns[:1]) is None
+
+
+def test_a_call_whose_response_the_policy_never_saw_earns_no_tool_reward():
+  # Regression: a call rendered but cut at the budget (its response never appended) counted as a
+  # successful tool use.
+  turns = tuple(parse_turn(t) for t in (call_turn(), answer_turn()))
+  unseen = EpisodeSummary(turns, ("ok",), "ok", 0.9, tool_calls_seen=(False,))
+  seen = EpisodeSummary(turns, ("ok",), "ok", 0.9, tool_calls_seen=(True,))
+  assert compute_reward(unseen).tool == 0.0 and compute_reward(unseen).n_successful_tool_calls == 0
+  assert compute_reward(seen).tool == 1.0
+  with pytest.raises(ValueError, match="tool_calls_seen"):
+    EpisodeSummary(turns, ("ok",), "ok", 0.9, tool_calls_seen=())
+
+
+def test_an_answer_cut_off_inside_answer_earns_no_vision_reward():
+  # Regression: code cut off by the token limit inside <answer> still earned R_vision when it
+  # happened to render.
+  turns = (parse_turn("<think>a</think><answer>\nimport matplotlib.pyplot as plt\nplt.plot([1"),)
+  assert turns[0].answer is not None and not turns[0].answer.ok
+  r = compute_reward(EpisodeSummary(turns, (), "ok", 0.9))
+  assert r.vision == 0.0 and r.format == -1.0 and "answer:unclosed" in r.format_errors

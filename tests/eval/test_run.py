@@ -299,3 +299,43 @@ def _check_in_chromium(html: Path, screenshot: Path | None = None) -> None:
   assert pixels.shape[0] >= 900 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
   if screenshot is not None:
     screenshot.write_bytes(png)
+
+
+class _RecordingSamplers:
+  """Stands in for the per-cache-length samplers: records the prompts, answers with one text."""
+
+  def __init__(self, tok):
+    self.tokenizer, self.prompts = tok, []
+
+  def get(self, cache_length):
+    return self
+
+  def sample(self, prompts, params, key):
+    self.prompts += prompts
+    ids = np.asarray(tokens.encode_text(self.tokenizer, "```python\nx = 1\n```"), np.int32)
+    return [sampler_lib.Completion(ids, np.zeros(len(ids)), "```python\nx = 1\n```", "stop")] * len(
+      prompts
+    )
+
+
+@pytest.mark.parametrize("benchmark", ["chartmimic", "plot2code"])
+def test_single_turn_uses_the_benchmarks_own_prompt(benchmark):
+  from rrvf_jax.eval import prompts as benchmark_prompts
+  from rrvf_jax.processing import image
+  from rrvf_jax.testing import tokenizer as tiny_tokenizer
+
+  tok = tiny_tokenizer.build_tiny_tokenizer()
+  samplers = _RecordingSamplers(tok)
+  setup = run._GenerationSetup(
+    benchmark=benchmark, task="chart", instruction=None, system_prompt="You are helpful.",
+    proc_cfg=image.ImageProcessorConfig(), max_turns=1, max_new_tokens=8, max_total_tokens=None,
+    on_budget="force_answer", render_submit=None, feedback_judge=None,
+  )  # fmt: skip
+  target = np.full((480, 640, 3), 255, np.uint8)
+  (generation,) = run._single_turn(samplers, [target], setup)
+  assert generation.code.strip() == "x = 1"  # the benchmark's own extraction of the fence
+  text = tokens.decode(tok, samplers.prompts[0].token_ids, skip_special_tokens=False)
+  expected = benchmark_prompts.benchmark_prompt(benchmark, target.shape)
+  assert expected in text and "# Tools" not in text and "render_chart" not in text
+  if benchmark == "chartmimic":
+    assert "figsize=(6.4, 4.8)" in expected  # the target's size at matplotlib's 100 dpi

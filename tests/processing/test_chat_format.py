@@ -431,3 +431,61 @@ def test_errors(tok):
 def test_no_system_block_when_asked(tok):
   got = chat.render_conversation(TEXT_MESSAGES[:1], system_prompt=None)
   assert got == "<|im_start|>user\nWrite matplotlib code for a bar chart.<|im_end|>\n"
+
+
+def test_untrained_text_keeps_the_ids_and_masks_the_tokens_touching_it(tok):
+  # A draft whose defect ('tab:red') must not be learned: the body is tokenised as one run, so
+  # the ids equal the plain conversation's; only tokens touching the marked text get mask 0.
+  draft = '<think>try</think>\n<tool_call>\n{"name": "render_chart", "arguments": {"code": '
+  bad, rest = "\"plt.bar([1], [2], color='tab:red')", '"}}\n</tool_call>'
+  plain = [
+    {"role": "user", "content": "Draw it."},
+    {"role": "assistant", "content": draft + bad + rest},
+  ]
+  marked = [
+    plain[0],
+    {
+      "role": "assistant",
+      "content": [
+        {"type": "text", "text": draft + bad[:-9]},
+        {"type": "text", "text": "tab:red", "loss": False},
+        {"type": "text", "text": bad[-2:] + rest},
+      ],
+    },
+  ]
+  a = chat.encode_conversation(tok, plain, tools=TOOLS)
+  b = chat.encode_conversation(tok, marked, tools=TOOLS)
+  np.testing.assert_array_equal(a.input_ids, b.input_ids)
+  dropped = np.flatnonzero(a.loss_mask != b.loss_mask)
+  assert len(dropped) and np.all(a.loss_mask[dropped] == 1) and np.all(b.loss_mask[dropped] == 0)
+  text = tokens.decode(tok, a.input_ids[dropped], skip_special_tokens=False)
+  assert "red" in text and "bar" not in text and "think" not in text
+  # The tokens around the defect are still learned, and so is the closing <|im_end|>.
+  kept = tokens.decode(tok, b.input_ids[b.loss_mask == 1], skip_special_tokens=False)
+  assert "plt.bar" in kept and kept.endswith("</tool_call><|im_end|>")
+  assert chat.render_conversation(marked, tools=TOOLS) == chat.render_conversation(
+    plain, tools=TOOLS
+  )
+
+
+def test_untrained_marks_only_apply_to_trained_turns(tok):
+  user = [{"role": "user", "content": [{"type": "text", "text": "hi", "loss": False}]}]
+  enc = chat.encode_conversation(tok, user)
+  assert enc.loss_mask.sum() == 0
+
+
+def test_fit_appended_turn_cuts_text_until_the_piece_fits(tok):
+  text = "Comments: " + " ".join(f"item {i} differs in colour" for i in range(60))
+  messages = [{"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+  grids = [(1, 4, 4)]
+  whole = chat.append_turn_ids(tok, messages, image_grids=grids)
+  same, piece = chat.fit_appended_turn(tok, messages, max_tokens=len(whole), image_grids=grids)
+  assert same == messages and len(piece) == len(whole)
+  fitted, piece = chat.fit_appended_turn(tok, messages, max_tokens=40, image_grids=grids)
+  assert len(piece) <= 40 and len(piece) >= 30  # as long as fits, not much shorter
+  kept = fitted[0]["content"][1]["text"]
+  assert kept.startswith("Comments:") and "[...]" in kept and kept.endswith("colour")
+  again, _ = chat.fit_appended_turn(tok, messages, max_tokens=40, image_grids=grids)
+  assert again == fitted  # deterministic
+  with pytest.raises(ValueError, match="images and template alone"):
+    chat.fit_appended_turn(tok, messages, max_tokens=5, image_grids=grids)

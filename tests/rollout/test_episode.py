@@ -330,7 +330,7 @@ def test_max_turns(tok, judge, on_budget):
   ]
   nudge = span_text(tok, first, first.spans[4])
   assert nudge == (
-    f"\n<|im_start|>user\n{episode.DEFAULT_FORCE_ANSWER_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    f"\n<|im_start|>user\n{env.FORCE_ANSWER_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
   )
   assert first.turns[2].forced and first.forced_answer
   assert (first.end_reason, first.truncated) == ("answer", False)
@@ -407,7 +407,7 @@ def test_bad_arguments_are_clear_errors(tok, judge, kwargs, message):
 
 def nudge_length(tok) -> int:
   """Tokens of the forced-answer request after a turn that did not stop at <|im_end|>."""
-  message = {"role": "user", "content": episode.DEFAULT_FORCE_ANSWER_PROMPT}
+  message = {"role": "user", "content": env.FORCE_ANSWER_PROMPT}
   return len(chat.append_turn_ids(tok, [message], close_open_turn=True))
 
 
@@ -530,3 +530,121 @@ def test_real_sampler_logprobs_equal_full_forward_over_training_arrays(model, to
   for i in (1, 2):
     after = trajectories[i].spans[2].end
     assert mask[i, after - 1 :].sum() > 0
+
+
+def test_a_call_cut_at_the_budget_earns_no_tool_reward(tok, judge):
+  # Regression: the rendered call whose response did not fit counted toward R_tool.
+  scripts = [[call("plt.plot([1])"), answer("plt.plot([2])")]]
+  probe, _, _ = play(tok, judge, [[answer("x")]])
+  budget = probe.trajectories[0].prompt_length + NEW_TOKENS + nudge_length(tok) + NEW_TOKENS
+  gate_open = env.RewardConfig(tool_threshold=-1.0)  # any final render passes the R_tool gate
+  batch, _, _ = play(tok, judge, scripts, max_total_tokens=budget, reward_config=gate_open)
+  (t,) = batch.trajectories
+  assert t.limit == "budget" and t.turns[0].tool_calls[0].render_status == "ok"
+  assert t.reward.tool == 0.0 and t.reward.n_successful_tool_calls == 0
+  seen, _, _ = play(tok, judge, scripts, reward_config=gate_open)
+  assert seen.trajectories[0].reward.tool == 1.0  # the same call, answered: it counts
+
+
+def test_an_answer_cut_off_by_the_turn_cap_is_truncated_and_not_rendered(tok, judge):
+  # Regression: code cut off inside <answer> was rendered, earned R_vision and was not counted
+  # as truncated.
+  long_code = "plt.plot([" + ", ".join(str(i) for i in range(80)) + "])"
+  batch, _, renderer = play(tok, judge, [[answer(long_code)]])
+  (t,) = batch.trajectories
+  assert t.turns[0].finish_reason == "length" and t.turns[0].action == "answer"
+  assert (t.end_reason, t.truncated, t.final_render) == ("turn_length", True, None)
+  assert t.reward.vision == 0.0 and t.reward.format == -1.0 and renderer.codes == []
+  np.testing.assert_array_equal(batch.truncated, [True])
+
+
+def test_long_feedback_is_cut_to_max_response_tokens(tok):
+  class WordyJudge(env.LocalJudge):
+    def judge(self, *args, **kwargs):
+      result = super().judge(*args, **kwargs)
+      return dataclasses.replace(result, feedback="Comments: " + "colours differ; " * 200)
+
+  scripts = [[call("plt.plot([1])"), answer("plt.plot([2])")]]
+  batch, _, _ = play(tok, WordyJudge(), scripts, max_response_tokens=96)
+  (t,) = batch.trajectories
+  tool = next(s for s in t.spans if s.source == "tool")
+  assert tool.end - tool.start <= 96
+  text = span_text(tok, t, tool)
+  assert "Comments: colours differ" in text and "[...]" in text and "<|image_pad|>" in text
+  with pytest.raises(ValueError, match="images and template alone"):
+    play(tok, WordyJudge(), scripts, max_response_tokens=8)
+
+
+def test_worst_case_budget_gives_every_row_all_its_feedback_rounds(tok, judge):
+  # Every turn calls the tool with a full-length reply and every response is as long as allowed:
+  # with the computed budget, no row stops its tool loop for room before max_turns.
+  max_turns, cap = 4, 96
+  filler = "x = 1\n" * 40  # longer than NEW_TOKENS: each call is cut at the turn cap
+  scripts = [[call(f"plt.plot([{k}])\n{filler}") for k in range(max_turns + 1)]] * 2
+  probe, _, _ = play(tok, judge, [[answer("x")]])
+  budget = episode.worst_case(
+    prompt_tokens=probe.trajectories[0].prompt_length,
+    max_turns=max_turns,
+    max_new_tokens=NEW_TOKENS,
+    max_response_tokens=cap,
+    force_answer_tokens=episode.force_answer_tokens(tok),
+    buckets=FAKE_BUCKETS,
+  )
+  batch, _, _ = play(
+    tok,
+    judge,
+    scripts,
+    group_size=2,
+    max_turns=max_turns,
+    max_response_tokens=cap,
+    max_total_tokens=budget.tokens,
+    cache_length=budget.cache_slots,
+  )
+  for t in batch.trajectories:
+    assert t.limit == "max_turns" and t.forced_answer and t.length <= budget.tokens
+    assert t.num_turns == max_turns + 1
+    assert all(len(turn.text) and turn.finish_reason == "length" for turn in t.turns[:-1])
+  # The slot count is exact: one slot less and the last round no longer fits.
+  short, _, _ = play(
+    tok,
+    judge,
+    scripts,
+    group_size=2,
+    max_turns=max_turns,
+    max_response_tokens=cap,
+    max_total_tokens=budget.tokens,
+    cache_length=budget.cache_slots - 1,
+  )
+  assert all(t.limit == "budget" for t in short.trajectories)
+
+
+def test_judge_outage_marks_rows_with_drop(tok):
+  batch, _, _ = play(
+    tok,
+    BrokenJudge(),
+    [[call("plt.plot([1])"), answer("plt.plot([2])")]],
+    judge_failure="drop",
+  )
+  (t,) = batch.trajectories
+  assert t.judge_failed and batch.stats.judge_failures == 2
+  record = t.turns[0].tool_calls[0]
+  assert record.has_image and record.feedback is None  # the render is still shown
+  assert t.end_reason == "answer" and t.reward.vision == 0.0
+
+
+def test_score_drafts_gives_the_first_drafts_r_vision(tok, judge):
+  scripts = [
+    [call("plt.plot([1])"), answer("plt.plot([2])")],
+    [call("plt.FAIL()"), answer("plt.plot([2])")],
+    [answer("plt.plot([3])")],
+    [NO_ACTION],
+  ]
+  batch, _, _ = play(tok, judge, scripts, group_size=4, score_drafts=True)
+  first, failed, direct, nothing = batch.trajectories
+  expected = judge.judge(targets(1)[0], FakeRenderer()._render("plt.plot([1])").image).score
+  assert first.first_draft_score == pytest.approx(expected) and expected > 0
+  assert failed.first_draft_score == 0.0
+  assert direct.first_draft_score == direct.reward.vision > 0
+  assert nothing.first_draft_score == 0.0
+  plain, _, _ = play(tok, judge, scripts[:1])
+  assert plain.trajectories[0].first_draft_score is None  # not asked for

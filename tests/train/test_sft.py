@@ -124,3 +124,97 @@ def test_loss_counts_assistant_tokens_only(loss_fn, sft_batch):
     np.testing.assert_array_equal(loss_fn(changed)[0], loss)
   changed = _with_target(sft_batch, 0, answer_col, (targets[0, answer_col] + 7) % 512)
   assert float(loss_fn(changed)[0]) != float(loss)
+
+
+def _conversation_example(rng_seed: int, rounds: int) -> dict:
+  """A self-correction example (data.revisions): `rounds` drafts, each with a 56x56 render."""
+  import random
+
+  from rrvf_jax import env
+  from rrvf_jax.data import revisions
+
+  code = "import matplotlib.pyplot as plt\nplt.bar(['A','B','C'],[3,1,2],color='tab:blue')\n"
+  rng = random.Random(rng_seed)
+  drafts = [
+    revisions.Draft(code.replace("tab:blue", "tab:red"), None),
+    revisions.Draft(code.replace("[3,1,2]", "[3,1,4]"), None),
+  ][:rounds]
+  drafts = [
+    revisions.Draft(d.code, revisions.Defect("color", d.code, "red, not blue", 1)) for d in drafts
+  ]
+  tool = {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "Colours."}]}
+  messages = revisions.conversation(
+    code, drafts, [tool] * rounds, tool_name=env.CHART_TOOL.name, description="a bar chart"
+  )
+  images = np.random.default_rng(rng.randrange(100)).integers(0, 256, (rounds + 1, 56, 56, 3))
+  return {
+    "id": f"conv-{rounds}",
+    "image": images[0].astype(np.uint8),
+    "code": code,
+    "conversation": messages,
+    "turn_images": [i.astype(np.uint8) for i in images[1:]],
+  }
+
+
+def test_conversation_trains_assistant_turns_and_masks_tool_responses_and_defects(tok, cfg, ipc):
+  example = _conversation_example(0, rounds=2)
+  encoded, pixels = sft.encode_sft_example(tok, cfg, example, image_processor_cfg=ipc)
+  assert pixels.image_grid_thw.shape == (3, 3)  # the target and two renders
+  text = tok.decode(encoded.input_ids.tolist(), skip_special_tokens=False)
+  assert text.count("<tool_response>") == 2 and text.count("<|vision_start|>") == 3
+  trained_ids = encoded.input_ids[encoded.loss_mask == 1].tolist()
+  trained = tok.decode(trained_ids, skip_special_tokens=False)
+  # The thoughts, the calls' correct parts and the final answer are learned ...
+  assert trained.startswith("<think>The target is a bar chart. I will render a draft")
+  assert "The render differs: red, not blue. I will fix it." in trained
+  assert trained.endswith("</answer><|im_end|>") and trained.count("<tool_call>") == 2
+  # ... the tool responses, their images and the drafts' defects are not.
+  assert "Colours." not in trained and "<|image_pad|>" not in trained
+  assert "tab:red" not in trained and "3,1,4" not in trained and "tab:blue" in trained
+  # Answer-only encoding of the same example when conversations are off.
+  plain, plain_pixels = sft.encode_sft_example(
+    tok, cfg, example, image_processor_cfg=ipc, use_conversation=False
+  )
+  assert plain_pixels.image_grid_thw.shape == (1, 3) and len(plain) < len(encoded)
+
+
+def test_conversation_errors_name_the_example(tok, cfg, ipc):
+  example = _conversation_example(0, rounds=1)
+  with pytest.raises(ValueError, match=r"conv-1: its conversation shows 1 images .* 0 turn_images"):
+    sft.encode_sft_example(tok, cfg, {**example, "turn_images": []}, image_processor_cfg=ipc)
+  ends_with_tool = {**example, "conversation": example["conversation"][:2]}
+  with pytest.raises(ValueError, match="conv-1: its conversation must end with an assistant"):
+    sft.encode_sft_example(tok, cfg, ends_with_tool, image_processor_cfg=ipc)
+
+
+def test_tool_responses_are_cut_like_the_episode_driver_cuts_them(tok, cfg, ipc):
+  example = _conversation_example(0, rounds=1)
+  long = {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "x y " * 300}]}
+  example["conversation"] = [example["conversation"][0], long, example["conversation"][2]]
+  full, _ = sft.encode_sft_example(tok, cfg, example, image_processor_cfg=ipc)
+  cut, _ = sft.encode_sft_example(
+    tok, cfg, example, image_processor_cfg=ipc, max_response_tokens=40
+  )
+  assert len(full) - len(cut) > 200
+  text = tok.decode(cut.input_ids.tolist(), skip_special_tokens=False)
+  assert "[...]" in text
+
+
+def test_row_slots_give_the_concatenated_layouts_loss(tok, cfg, ipc, examples, loss_fn):
+  mixed = [
+    examples[0],
+    _conversation_example(1, rounds=2),
+    examples[1],
+    _conversation_example(2, rounds=1),
+  ]
+  kw = dict(max_length=416, image_processor_cfg=ipc)
+  slots = sft.make_sft_batch(tok, cfg, mixed, max_images=3, **kw)
+  concatenated = sft.make_sft_batch(tok, cfg, mixed, **kw)
+  assert slots.inputs.pixel_values.shape == (4 * 3, 16, cfg.vision.patch_dim)
+  assert concatenated.inputs.pixel_values.shape == ((1 + 3 + 1 + 2) * 16, cfg.vision.patch_dim)
+  np.testing.assert_array_equal(slots.inputs.positions, concatenated.inputs.positions)
+  a, b = loss_fn(slots), loss_fn(concatenated)
+  assert float(a[1]) == float(b[1])
+  np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"conv-2 shows 3 images, more than sft\.max_images=2"):
+    sft.make_sft_batch(tok, cfg, mixed, max_images=2, **kw)

@@ -1,3 +1,3 @@
 """Sizes shared by the train tests (a uniquely named module: conftest names collide)."""
 
-MAX_LENGTH = 96
+MAX_LENGTH = 160

@@ -9,10 +9,11 @@ Robustness, all visible in `metrics()`:
 - a concurrency limit (a semaphore around each HTTP request, shared by all threads);
 - a cache keyed by sha256(model, mode, prompt, sampling settings, image bytes); identical requests
   in flight at the same time are sent once;
-- a policy for when the service is down: 'wait' (retry up to `max_wait_s`, then raise), 'fail'
-  (raise after `max_retries`), or 'fallback_local' (answer with the local judge, counted as a
-  fallback). After `circuit_after` consecutive failures, 'fail'/'fallback_local' skip the network
-  for `circuit_cooldown_s`;
+- a policy for when the service is down: 'wait' (the default: retry up to `max_wait_s`, logging
+  as it waits, then raise), 'fail' (raise after `max_retries`), or 'fallback_local' (answer with
+  the local judge, counted as a fallback; its scores are on another scale, so a training run must
+  not use it: one group's rewards would mix two judges). After `circuit_after` consecutive
+  failures, 'fail'/'fallback_local' skip the network for `circuit_cooldown_s`;
 - robust score parsing ('Score: 85', '**Score**: 85/100', '[[85]]', '85 out of 100'); an unparsable
   reply is an explicit parse failure handled by `on_parse_failure`.
 
@@ -44,6 +45,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from rrvf_jax.env.judges import prompts
@@ -78,7 +80,7 @@ class OpenAIJudgeConfig:
   backoff_multiplier: float = 2.0
   backoff_jitter: float = 0.1  # +- this fraction of each delay, so workers do not retry in lockstep
   max_concurrency: int = 8
-  on_unavailable: OnUnavailable = "fallback_local"
+  on_unavailable: OnUnavailable = "wait"
   max_wait_s: float = 600.0  # 'wait' gives up after this long
   circuit_after: int = 5
   circuit_cooldown_s: float = 30.0
@@ -472,6 +474,17 @@ class OpenAIJudge(Judge):
           self._note_failure()
           raise _Unavailable(f"{e} (after {attempt} attempts)") from None
         self._count("retries")
+        if waiting:
+          logging.log_every_n_seconds(
+            logging.WARNING,
+            "judge at %s: %s; waiting (attempt %d, %.0f s so far, at most %.0f s)",
+            10,
+            self._url,
+            e,
+            attempt,
+            time.monotonic() - start,
+            cfg.max_wait_s,
+          )
         time.sleep(delay)
         continue
       with self._lock:

@@ -12,7 +12,7 @@ from flax import nnx
 from rrvf_jax import sharding
 from rrvf_jax.models.qwen_vl import kv_cache, remat, rope
 from rrvf_jax.models.qwen_vl.config import TextConfig
-from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, attention, param
+from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, causal_attention, param
 
 
 class Attention(nnx.Module):
@@ -33,7 +33,7 @@ class Attention(nnx.Module):
     q = rope.apply_rope(self.q(x_ble), cos, sin)
     k = rope.apply_rope(self.k(x_ble), cos, sin)
     q = sharding.constrain(q, ("batch", "length", "act_heads", None))
-    out = attention(q, k, self.v(x_ble), mask_bls, scale=self.scale)
+    out = causal_attention(q, k, self.v(x_ble), mask_bls, scale=self.scale)
     return self.o(out)
 
   def cached(self, x_bte, cos, sin, mask_bts, k_cache, v_cache, offset):
@@ -113,7 +113,7 @@ class TextModel(nnx.Module):
     return self.embed[...][input_ids].astype(self.dtype)
 
   def __call__(self, x_ble, positions_3bl, mask_bls):
-    """Runs the decoder on embeddings; `mask_bls` is the full boolean attention mask."""
+    """Runs the decoder on embeddings; `mask_bls` is the boolean attention mask, causal."""
     cfg = self.cfg
     with jax.named_scope("decoder"):
       cos, sin = rope.mrope_cos_sin(
