@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from rrvf_jax import checkpoint, env, metrics, roles
 from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
-from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask, merge_row_image_features
+from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask
 from rrvf_jax.processing import tokens
 from rrvf_jax.rl import algorithms, dynamic_sampling
 from rrvf_jax.rollout import episode, sampling
@@ -145,14 +145,8 @@ def policy_logprobs(
   features = jax.lax.map(
     lambda px: model.encode_images(px, inputs.vision_index), inputs.pixel_values
   )
-  rows = inputs.input_ids.shape[0]
-  features = features.reshape(rows, -1, features.shape[-1])  # [B, images per row x tokens, E]
-  embeds = merge_row_image_features(
-    model.text.embed_tokens(inputs.input_ids),
-    inputs.input_ids,
-    features,
-    model.config.image_token_id,
-  )
+  # Each row's image slots are its own: feature indices never span rows.
+  embeds = model.embed_with_row_features(inputs.input_ids, features)
   hidden = model.text(embeds, inputs.positions, causal_mask(inputs.attention_mask))
   if temperature > 0:
     # The LM head is linear without bias: logits / T == head(hidden / T).

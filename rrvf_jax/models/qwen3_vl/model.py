@@ -71,14 +71,13 @@ class Qwen3TextModel(TextModel):
 
 
 class Qwen3VL(QwenVL):
-  """Qwen3-VL (dense): Qwen3 decoder with interleaved M-RoPE, DeepStack, Qwen3-VL vision tower."""
+  """Qwen3-VL (dense): Qwen3 decoder with interleaved M-RoPE, DeepStack, Qwen3-VL vision tower.
+
+  `encode_images` (inherited) returns the tower's `VisualFeatures`.
+  """
 
   vision_tower_cls = VisionTower
   text_model_cls = Qwen3TextModel
-
-  def encode_images(self, pixel_values: jax.Array, vision_index) -> VisualFeatures:
-    """Merger and DeepStack features of the images, one row per image token, images in order."""
-    return self.visual(pixel_values.astype(self.dtype), vision_index)
 
   def _embeddings(self, input_ids, features: VisualFeatures, *, per_row: bool) -> Embeddings:
     """Token embeddings with `features` on the image tokens, and the DeepStack gather indices."""
