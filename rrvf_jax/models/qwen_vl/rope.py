@@ -1,4 +1,5 @@
-"""Rotary embeddings and position indices: M-RoPE, `get_rope_index`, vision 2D rope and windows.
+"""Rotary embeddings and position indices: M-RoPE (sectioned and interleaved), `get_rope_index`,
+vision 2D rope, windows, and the resampling of Qwen3-VL's learned position table.
 
 Index arrays depend only on token ids and image grids, so they are computed on the host with NumPy
 (once per grid) and passed to the jitted model as arrays. The cos/sin tables are computed in JAX, in
