@@ -19,7 +19,6 @@ from rrvf_jax.testing.prompts import (
   image_prompt,
   log_softmax,
   random_image,
-  reply_log_probs,
 )
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
@@ -98,10 +97,6 @@ def test_forked_turns_with_new_images_equal_full_forwards(model, tok, sampler, p
   session = sampler.fork(sampler.prefill(prompts[:2]), 2)
   session, first = sampler.generate(session, SAMPLED, jax.random.key(1))
   rows = [prompts[0], prompts[0], prompts[1], prompts[1]]
-  for prompt, completion in zip(rows, first, strict=True):
-    expected = reply_log_probs(model, [prompt], completion.token_ids)
-    np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
-
   feedback = [
     feedback_turn(tok, "the bars are too dark", random_image(10, 64, 64), True, PROC),
     feedback_turn(tok, "render failed: NameError", None, True, PROC),
@@ -111,15 +106,18 @@ def test_forked_turns_with_new_images_equal_full_forwards(model, tok, sampler, p
   before = sampler.stats.encoded_images
   session = sampler.append(session, feedback)
   assert sampler.stats.encoded_images - before == 3  # Only the new images are encoded.
-  contexts = [
-    [prompt, Segment(reply.token_ids), turn]
-    for prompt, reply, turn in zip(rows, first, feedback, strict=True)
-  ]
   next_token = log_softmax(session.state.last_logits)
-  for b, context in enumerate(contexts):
-    np.testing.assert_allclose(next_token[b], full_log_probs(model, context)[-1], atol=1e-4)
-
   _, second = sampler.generate(session, SAMPLED, jax.random.key(2))
-  for context, completion in zip(contexts, second, strict=True):
-    expected = reply_log_probs(model, context, completion.token_ids)
-    np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
+  for b, (prompt, reply, turn, completion) in enumerate(
+    zip(rows, first, feedback, second, strict=True)
+  ):
+    # One forward over the whole conversation checks both turns and the appended turn's logits.
+    context = [prompt, Segment(reply.token_ids), turn]
+    log_probs = full_log_probs(model, [*context, Segment(completion.token_ids)])
+    starts = np.cumsum([0] + [len(s.token_ids) for s in context])
+    for start, sampled in ((starts[1], reply), (starts[3], completion)):
+      expected = log_probs[
+        np.arange(start - 1, start - 1 + len(sampled.token_ids)), sampled.token_ids
+      ]
+      np.testing.assert_allclose(sampled.logprobs, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(next_token[b], log_probs[starts[3] - 1], atol=1e-4, rtol=0)
