@@ -1,9 +1,11 @@
-"""Prefill throughput: our jitted Flax Qwen2.5-VL vs transformers' PyTorch model on the same CPU.
+"""Prefill throughput: our jitted Flax Qwen-VL vs transformers' PyTorch model on the same CPU.
 
-Runs a forward pass over a batch of image+text prompts with the ~100M-parameter `small` preset
-(random weights made by transformers, loaded into ours with `from_hf`) and prints a table.
+Runs a forward pass over a batch of image+text prompts with a ~100M-parameter preset of the chosen
+family (`small` for Qwen2.5-VL, `small-qwen3-vl` for Qwen3-VL; random weights made by transformers,
+loaded into ours with `from_hf`) and prints a table.
 
-  python benchmarks/forward_throughput.py [--batch 4] [--length 512] [--image 448] [--iters 5]
+  python benchmarks/forward_throughput.py [--family qwen2_5_vl|qwen3_vl] [--batch 4] \
+    [--length 512] [--image 448] [--iters 5]
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import numpy as np
 import torch
 import transformers
 
-from rrvf_jax.models import qwen_vl
-from rrvf_jax.models.qwen_vl import config as config_lib
+from rrvf_jax import models
 from rrvf_jax.models.qwen_vl import model as model_lib
+
+# The ~100M-parameter benchmark preset and the family's name in the printed table.
+FAMILIES = {"qwen2_5_vl": ("small", "Qwen2.5-VL"), "qwen3_vl": ("small-qwen3-vl", "Qwen3-VL")}
 
 
 def make_inputs(cfg, batch: int, length: int, image: int, seed: int = 0):
@@ -62,23 +66,25 @@ def time_calls(fn, iters: int) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_5_vl")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=512)
   parser.add_argument(
-    "--image", type=int, default=448, help="image side in pixels (multiple of 28)"
+    "--image", type=int, default=448, help="image side in pixels (multiple of 2 x patch size)"
   )
   parser.add_argument("--iters", type=int, default=5)
   args = parser.parse_args()
 
-  cfg = config_lib.small().replace(
+  preset, label = FAMILIES[args.family]
+  cfg = models.get_preset(preset).replace(
     image_token_id=31000, vision_start_token_id=31001, vision_end_token_id=31002
   )
-  hf_cfg = transformers.AutoConfig.for_model(**config_lib.to_hf_dict(cfg))
+  hf_cfg = transformers.AutoConfig.for_model(**models.family(cfg.model_type).config_to_hf(cfg))
   torch.manual_seed(0)
-  hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+  hf = transformers.AutoModelForImageTextToText.from_config(hf_cfg).eval()
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    ours = qwen_vl.from_hf(tmp)
+    ours = models.from_hf(tmp)
   ids, pixels, grid = make_inputs(cfg, args.batch, args.length, args.image)
   n_params = sum(p.numel() for p in hf.parameters())
 
@@ -106,7 +112,7 @@ def main():
   hf_s = time_calls(run_hf, args.iters)
   tokens = args.batch * args.length
   print(
-    f"Prefill, {n_params / 1e6:.1f}M-parameter Qwen2.5-VL shape, "
+    f"Prefill, {n_params / 1e6:.1f}M-parameter {label} shape, "
     f"batch {args.batch} x {args.length} tokens,"
   )
   print(

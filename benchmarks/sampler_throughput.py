@@ -1,11 +1,13 @@
 """Decode throughput: our jitted KV-cache sampler vs transformers' PyTorch `generate` on one CPU.
 
-Both generate `--new` tokens (greedy, no early stop) for a batch of image+text prompts with the
-~100M-parameter `small` preset (same random weights, made by transformers and loaded with
-`from_hf`). Then the prefill-sharing saving of group sampling: one prefill per prompt and a fork
-to G rows, against prefilling each prompt G times.
+Both generate `--new` tokens (greedy, no early stop) for a batch of image+text prompts with a
+~100M-parameter preset of the chosen family (`small` for Qwen2.5-VL, `small-qwen3-vl` for Qwen3-VL;
+same random weights, made by transformers and loaded with `from_hf`). Then the prefill-sharing
+saving of group sampling: one prefill per prompt and a fork to G rows, against prefilling each
+prompt G times.
 
-  python benchmarks/sampler_throughput.py [--batch 8] [--new 128] [--image 336] [--group 8]
+  python benchmarks/sampler_throughput.py [--family qwen2_5_vl|qwen3_vl] [--batch 8] [--new 128] \
+    [--image 336] [--group 8]
 """
 
 from __future__ import annotations
@@ -24,21 +26,24 @@ import numpy as np
 import torch
 import transformers
 
-from rrvf_jax import rollout
-from rrvf_jax.models import qwen_vl
-from rrvf_jax.models.qwen_vl import config as config_lib
+from rrvf_jax import models, rollout
 from rrvf_jax.processing import chat, image, tokens
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing import tokenizer as tiny_tokenizer
 
+# The ~100M-parameter benchmark preset and the family's name in the printed table.
+FAMILIES = {"qwen2_5_vl": ("small", "Qwen2.5-VL"), "qwen3_vl": ("small-qwen3-vl", "Qwen3-VL")}
 
-def make_prompts(tok, batch: int, side: int, seed: int = 0) -> list[rollout.Segment]:
+
+def make_prompts(
+  tok, batch: int, side: int, proc_cfg: image.ImageProcessorConfig, seed: int = 0
+) -> list[rollout.Segment]:
   """`batch` chat prompts, each one random `side`x`side` image and an instruction."""
   rng = np.random.default_rng(seed)
   prompts = []
   for i in range(batch):
     img = rng.integers(0, 255, (side, side, 3), np.uint8)
-    proc = image.preprocess_images([img], image.ImageProcessorConfig())
+    proc = image.preprocess_images([img], proc_cfg)
     text = "Write matplotlib code that reproduces this chart. " * (1 + i % 3)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     ids = chat.build_prompt_ids(tok, msgs, image_grids=proc.image_grid_thw).input_ids
@@ -91,24 +96,28 @@ def hf_generate_fn(hf, prompts, pad: int, image_token: int, new: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_5_vl")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--new", type=int, default=128)
-  parser.add_argument("--image", type=int, default=336, help="image side (multiple of 28)")
+  parser.add_argument("--image", type=int, default=336, help="image side in pixels")
   parser.add_argument("--group", type=int, default=8)
   parser.add_argument("--group_prompts", type=int, default=2, help="prompts in the fork test")
   parser.add_argument("--iters", type=int, default=3)
   args = parser.parse_args()
 
+  preset, label = FAMILIES[args.family]
   with tempfile.TemporaryDirectory() as tmp:
-    tok = tokens.load_tokenizer(tiny_tokenizer.make_tiny_tokenizer(os.path.join(tmp, "tok")))
-    cfg = checkpoints.config_for_tokenizer("small", tok)
-    hf_cfg = transformers.AutoConfig.for_model(**config_lib.to_hf_dict(cfg))
+    tok_dir = tiny_tokenizer.make_tiny_tokenizer(os.path.join(tmp, "tok"), family=args.family)
+    tok = tokens.load_tokenizer(tok_dir)
+    cfg = checkpoints.config_for_tokenizer(preset, tok)
+    hf_cfg = transformers.AutoConfig.for_model(**models.family(cfg.model_type).config_to_hf(cfg))
     torch.manual_seed(0)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    hf = transformers.AutoModelForImageTextToText.from_config(hf_cfg).eval()
     hf.save_pretrained(os.path.join(tmp, "model"))
-    ours = qwen_vl.from_hf(os.path.join(tmp, "model"))
+    ours = models.from_hf(os.path.join(tmp, "model"))
   n_params = sum(p.numel() for p in hf.parameters())
-  prompts = make_prompts(tok, args.batch, args.image)
+  proc_cfg = image.ImageProcessorConfig.for_model_type(args.family)
+  prompts = make_prompts(tok, args.batch, args.image, proc_cfg)
   prompt_len = max(len(p.token_ids) for p in prompts)
   sampler = rollout.Sampler(
     ours,
@@ -144,7 +153,7 @@ def main():
   each_s = seconds(prefill_each, args.iters)
 
   print(
-    f"Greedy generation, {n_params / 1e6:.1f}M-parameter Qwen2.5-VL shape, batch {args.batch}, "
+    f"Greedy generation, {n_params / 1e6:.1f}M-parameter {label} shape, batch {args.batch}, "
     f"prompts <= {prompt_len} tokens with one {args.image}x{args.image} image, "
     f"{args.new} new tokens"
   )

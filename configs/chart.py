@@ -6,6 +6,10 @@ Presets:
             RRVF cold-start data in --config.data.manual_dir.
   demo      the tiny CPU run: a tiny random Qwen2.5-VL and tokenizer made locally, SFT and GRPO
             on the built-in synthetic charts, evaluated on held-out charts.
+  demo_qwen3  the same run with a tiny random Qwen3-VL (DeepStack, Qwen3 decoder) and tokenizer.
+
+Any family of `rrvf_jax.models` is a policy: `--config.model.preset=qwen3-vl-8b`, or a checkpoint
+directory whose config.json names its model_type.
 
 Stages run in order, each skipped when its size is 0 (or disabled): cold-start SFT (`sft.steps`),
 RRVF GRPO (`grpo.steps`, with greedy held-out episodes before and after), the held-out answer check
@@ -19,12 +23,14 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config for preset `arg` (None: paper-scale)."""
-  preset = common.parse_preset(arg, ("paper", "demo"))
+  preset = common.parse_preset(arg, ("paper", "demo", "demo_qwen3"))
   config = common.base_config()
   config.task = "chart"  # Which environment: chart (matplotlib) or web (HTML).
-  if preset == "demo":
+  if preset in ("demo", "demo_qwen3"):
     common.apply_demo(config)
     config.data.name = "synthetic_charts"  # Built-in procedural charts.
+  if preset == "demo_qwen3":
+    config.model.preset = "tiny-qwen3-vl"  # The model family follows from the preset.
   return config
 
 

@@ -48,23 +48,20 @@ def generate(
   import jax
   import jax.numpy as jnp
 
-  from rrvf_jax import env, rollout
-  from rrvf_jax.models import qwen_vl
+  from rrvf_jax import env, models, rollout
   from rrvf_jax.processing import chat, image, tokens
 
   if not os.path.isdir(model_dir):
     raise ValueError(f"--model_dir {model_dir} is not a directory")
   if not os.path.isfile(image_path):
     raise ValueError(f"--image {image_path} does not exist")
-  model = qwen_vl.from_hf(
-    model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  )
+  model = models.from_hf(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
   tok = tokens.load_tokenizer(model_dir)
   proc_file = os.path.join(model_dir, "preprocessor_config.json")
   proc_cfg = (
     image.ImageProcessorConfig.from_pretrained(proc_file)
     if os.path.exists(proc_file)
-    else image.ImageProcessorConfig()
+    else image.ImageProcessorConfig.for_model_type(model.config.model_type)
   )
   processed = image.preprocess_images([image.load_image(image_path)], proc_cfg)
   messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]

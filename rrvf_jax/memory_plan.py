@@ -29,9 +29,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from rrvf_jax import sharding as sharding_lib
+from rrvf_jax.models import build_model, get_preset
 from rrvf_jax.models.qwen_vl import kv_cache
-from rrvf_jax.models.qwen_vl.config import ModelConfig, get_preset
-from rrvf_jax.models.qwen_vl.model import QwenVL
+from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.train import optim
 from rrvf_jax.train import state as state_lib
 
@@ -156,7 +156,7 @@ class StateBytes:
 def abstract_policy_state(cfg: ModelConfig, dtype: Any) -> state_lib.TrainState:
   """The abstract TrainState (real optax AdamW of train/optim.py), as the pipeline builds it."""
   tx, _ = optim.make_optimizer(1e-6)
-  make = lambda rngs: QwenVL(cfg, dtype=dtype, param_dtype=dtype, rngs=rngs)
+  make = lambda rngs: build_model(cfg, dtype=dtype, rngs=rngs)
   return state_lib.abstract_train_state(make, tx)[1]
 
 
@@ -607,7 +607,7 @@ def judge_plan(
   cfg = get_preset(preset)
   mesh = abstract_mesh(sizes)
   abstract = jax.eval_shape(
-    lambda: nnx.state(QwenVL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    lambda: nnx.state(build_model(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
   )
   weights = _leaf_bytes(abstract, rules, mesh)
   count = sum(math.prod(v.shape) for v in jax.tree.leaves(abstract))

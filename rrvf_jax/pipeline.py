@@ -22,9 +22,8 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rrvf_jax import checkpoint, env, metrics, roles, sharding
+from rrvf_jax import checkpoint, env, metrics, models, roles, sharding
 from rrvf_jax import data as data_lib
-from rrvf_jax.models import qwen_vl
 from rrvf_jax.processing import chat, image, tokens
 from rrvf_jax.rollout import answer_check, episode
 from rrvf_jax.testing import checkpoints
@@ -61,7 +60,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if not m.checkpoint_dir:
     try:
-      qwen_vl.get_preset(m.preset)
+      models.get_preset(m.preset)
     except ValueError as e:
       raise ConfigError(f"config.model.preset: {e}") from None
   for key in ("width", "height", "dpi"):
@@ -190,19 +189,29 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.model.tokenizer_dir
   if config.model.checkpoint_dir:
     return config.model.checkpoint_dir
-  return os.fspath(tiny_tokenizer.make_tiny_tokenizer(os.path.join(workdir, "tiny_tokenizer")))
+  family = models.get_preset(config.model.preset).model_type
+  path = os.path.join(workdir, "tiny_tokenizer")
+  return os.fspath(tiny_tokenizer.make_tiny_tokenizer(path, family=family))
 
 
-def policy_config(config: ml_collections.ConfigDict, tok) -> qwen_vl.ModelConfig:
+def policy_config(config: ml_collections.ConfigDict, tok) -> models.ModelConfig:
   """The policy's architecture: the checkpoint's config.json or the preset fitted to `tok`."""
   if config.model.checkpoint_dir:
-    return qwen_vl.load_hf_config(config.model.checkpoint_dir)
+    return models.load_hf_config(config.model.checkpoint_dir)
   return checkpoints.config_for_tokenizer(config.model.preset, tok)
 
 
+def policy_model_type(config: ml_collections.ConfigDict) -> str:
+  """The policy's HF model_type (its family in `rrvf_jax.models`)."""
+  if config.model.checkpoint_dir:
+    return models.load_hf_config(config.model.checkpoint_dir).model_type
+  return models.get_preset(config.model.preset).model_type
+
+
 def image_processor_config(config: ml_collections.ConfigDict) -> image.ImageProcessorConfig:
-  """The image processor: the checkpoint's preprocessor_config.json, bounded by the config."""
-  base = image.ImageProcessorConfig()
+  """The image processor: the checkpoint's preprocessor_config.json (else the family's hub
+  settings), bounded by the config."""
+  base = image.ImageProcessorConfig.for_model_type(policy_model_type(config))
   proc_file = os.path.join(config.model.checkpoint_dir or "", "preprocessor_config.json")
   if config.model.checkpoint_dir and os.path.isfile(proc_file):
     base = image.ImageProcessorConfig.from_pretrained(proc_file)
@@ -246,10 +255,10 @@ def dataset(config: ml_collections.ConfigDict, workdir: str, split: str) -> data
   return source
 
 
-def fresh_model_fn(config: ml_collections.ConfigDict, model_cfg: qwen_vl.ModelConfig):
-  """`make_model(rngs)`: the policy architecture with new weights."""
+def fresh_model_fn(config: ml_collections.ConfigDict, model_cfg: models.ModelConfig):
+  """`make_model(rngs)`: the policy architecture (its family's model class) with new weights."""
   dtype = DTYPES[config.model.dtype]
-  return lambda rngs: qwen_vl.QwenVL(model_cfg, dtype=dtype, param_dtype=dtype, rngs=rngs)
+  return lambda rngs: models.build_model(model_cfg, dtype=dtype, rngs=rngs)
 
 
 def pretrained_model(config, mesh, rules) -> nnx.Module | None:
@@ -257,7 +266,7 @@ def pretrained_model(config, mesh, rules) -> nnx.Module | None:
   if not config.model.checkpoint_dir:
     logging.info("No checkpoint_dir: preset %r with random weights.", config.model.preset)
     return None
-  return qwen_vl.from_hf(
+  return models.from_hf(
     config.model.checkpoint_dir, dtype=DTYPES[config.model.dtype], mesh=mesh, rules=rules
   )
 

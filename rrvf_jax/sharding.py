@@ -43,6 +43,7 @@ FSDP_TP: Rules = (
   ("vit_head_dim", None),
   ("vit_mlp", None),
   ("vit_patch", None),
+  ("vit_pos", None),  # Qwen3-VL's learned position table rows (its width is vit_embed).
   ("vit_merged", "fsdp"),
   ("vit_merged_out", "tensor"),
 )

@@ -1,5 +1,9 @@
-"""Host-side Qwen-VL processing: images, special tokens, chat format with loss masks."""
+"""Host-side Qwen-VL processing: images, special tokens, chat format with loss masks.
 
+`chat` is the Qwen2-VL / Qwen2.5 format; `qwen3_vl_chat` has the same API for Qwen3-VL's templates.
+"""
+
+from rrvf_jax.processing import qwen3_vl_chat
 from rrvf_jax.processing.chat import (
   DEFAULT_SYSTEM_PROMPT,
   QWEN2_VL_CHAT_TEMPLATE,
@@ -49,6 +53,7 @@ __all__ = [
   "num_image_tokens",
   "preprocess_image",
   "preprocess_images",
+  "qwen3_vl_chat",
   "render_conversation",
   "smart_resize",
   "special_token_ids",

@@ -1,5 +1,8 @@
 """Qwen2-VL image preprocessing (smart_resize, normalise, patchify) in NumPy and Pillow.
 
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL share this processor (transformers maps all three to
+`Qwen2VLImageProcessor`); they differ in settings only (`ImageProcessorConfig.for_model_type`).
+
 Matches transformers' PIL-backend `Qwen2VLImageProcessorPil` (5.x; the slow `Qwen2VLImageProcessor`
 of 4.x): RGB conversion with transparency composited onto white, bicubic resize of the uint8 image
 to a multiple of `patch_size * merge_size`, rescale by 1/255 (float64, then float32), per-channel
@@ -23,6 +26,7 @@ import PIL.ImageOps
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)  # Qwen3-VL's mean and std
 MAX_ASPECT_RATIO = 200
 # transformers' PILImageResampling.BICUBIC; the only filter implemented here.
 _BICUBIC = 3
@@ -51,6 +55,19 @@ class ImageProcessorConfig:
   def patch_dim(self) -> int:
     """Length of one flattened patch: channels x temporal x patch x patch."""
     return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
+
+  @classmethod
+  def for_model_type(cls, model_type: str) -> ImageProcessorConfig:
+    """The hub `preprocessor_config.json` settings of a model family (HF `model_type`).
+
+    Qwen2-VL and Qwen2.5-VL keep the class defaults (patch 14, CLIP statistics); Qwen3-VL has
+    patch 16 (a 32-pixel factor), mean = std = 0.5 and 64K..16M pixels.
+    """
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+      return cls()
+    if model_type == "qwen3_vl":
+      return cls(patch_size=16, min_pixels=65536, max_pixels=16777216, mean=HALF, std=HALF)
+    raise ValueError(f"no image processor settings for model_type {model_type!r}")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ImageProcessorConfig:

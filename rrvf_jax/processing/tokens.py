@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5 special tokens and thin adapters over `tokenizers` and transformers tokenizers.
+"""Qwen2, Qwen2.5 and Qwen3 special tokens; thin adapters over `tokenizers` and HF tokenizers.
 
 The processing code accepts either a `tokenizers.Tokenizer` (loaded from `tokenizer.json`, no
 transformers needed) or a transformers tokenizer; text is encoded without adding special tokens.
@@ -53,6 +53,12 @@ NON_SPECIAL_ADDED_TOKENS = (
   "<|file_sep|>",
 )
 ADDED_TOKENS = SPECIAL_TOKENS + NON_SPECIAL_ADDED_TOKENS
+# Qwen3's vocabulary adds these after the others (151665...151668), also not special.
+TOOL_RESPONSE_START = "<tool_response>"
+TOOL_RESPONSE_END = "</tool_response>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+QWEN3_ADDED_TOKENS = (TOOL_RESPONSE_START, TOOL_RESPONSE_END, THINK_START, THINK_END)
 
 Tokenizer = Any  # a tokenizers.Tokenizer or a transformers tokenizer
 

@@ -256,8 +256,9 @@ class Sampler:
     start = np.asarray(jax.device_get(session.state.next_position))
     return (relative + start[None, :, None]).astype(np.int32)
 
-  def _features(self, segments: Sequence[Segment]) -> jax.Array | None:
-    """Merged features of the segments' images, padded to a power-of-two row count."""
+  def _features(self, segments: Sequence[Segment]):
+    """Image features of the segments' images (the model's pytree, token axis first on every
+    leaf), padded to a power-of-two row count."""
     with_images = [s for s in segments if s.pixel_values is not None]
     if not with_images:
       return None
@@ -266,9 +267,10 @@ class Sampler:
     index = rope.make_vision_index(grid, self.config.vision)
     features = self._run(self._jit_encode, self.params, pixels, index)
     self.stats.encoded_images += len(grid)
-    rows = features.shape[0]
+    rows = jax.tree.leaves(features)[0].shape[0]
     padded = 1 << max(rows - 1, 0).bit_length()
-    return jnp.pad(features, ((0, padded - rows), (0, 0)))
+    pad = lambda f: jnp.pad(f, ((0, padded - rows),) + ((0, 0),) * (f.ndim - 1))
+    return jax.tree.map(pad, features)
 
   # --- decoding ---
 

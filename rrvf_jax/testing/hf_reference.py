@@ -64,6 +64,33 @@ def tiny_hf_config(model_type: str = "qwen2_5_vl", *, tie: bool = False, vocab_s
       "hidden_act": "quick_gelu",
     }
     cls = transformers.Qwen2VLConfig
+  elif model_type == "qwen3_vl":
+    # An explicit head dim unlike width / heads, 3 decoder layers fed by 2 DeepStack levels, and a
+    # 6 x 6 position table that every test image's grid resamples.
+    text.update(
+      num_hidden_layers=3,
+      head_dim=32,
+      rope_parameters={
+        "rope_type": "default",
+        "mrope_section": [6, 5, 5],
+        "mrope_interleaved": True,
+        "rope_theta": 10000.0,
+      },
+    )
+    vision = {
+      "depth": 4,
+      "hidden_size": 32,
+      "num_heads": 2,
+      "intermediate_size": 64,
+      "out_hidden_size": 64,
+      "patch_size": 16,
+      "spatial_merge_size": 2,
+      "temporal_patch_size": 2,
+      "num_position_embeddings": 36,
+      "deepstack_visual_indexes": [1, 3],
+      "hidden_act": "gelu_pytorch_tanh",
+    }
+    cls = transformers.Qwen3VLConfig
   else:
     raise ValueError(model_type)
   return cls(text_config=text, vision_config=vision, tie_word_embeddings=tie, **TINY_TOKEN_IDS)
@@ -76,6 +103,7 @@ def hf_model_class(model_type: str):
   return {
     "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
     "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+    "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
   }[model_type]
 
 

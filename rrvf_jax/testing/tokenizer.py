@@ -1,7 +1,8 @@
 """A tiny Qwen2-style byte-level BPE tokenizer, built locally and deterministically for tests.
 
 It has Qwen2's text pipeline (NFC, Qwen2's pre-tokenizer regex, byte-level BPE, no prefix space), a
-BPE vocabulary trained on a fixed built-in corpus, and Qwen's added tokens in Qwen's order after it.
+BPE vocabulary trained on a fixed built-in corpus, and Qwen's added tokens in Qwen's order after it
+(Qwen3's four more for `family="qwen3_vl"`, with the Qwen3-VL chat template).
 It is saved in the hub layout, so `transformers.AutoTokenizer.from_pretrained(path)` loads it
 offline. The `tokenizers` BPE trainer is deterministic, so the files are byte-identical per version.
 """
@@ -17,6 +18,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from rrvf_jax.processing import tokens
 from rrvf_jax.processing.chat import QWEN2_VL_CHAT_TEMPLATE
+from rrvf_jax.processing.qwen3_vl_chat import QWEN3_VL_CHAT_TEMPLATE
 
 # Qwen2's pre-tokenizer pattern (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
 PRETOKENIZE_REGEX = (
@@ -147,7 +149,18 @@ def _base_tokenizer() -> tokenizers.Tokenizer:
   return tok
 
 
-def build_tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> tokenizers.Tokenizer:
+def _added_tokens(family: str) -> tuple[str, ...]:
+  """Qwen's added tokens of a model family's vocabulary, in id order."""
+  if family in ("qwen2_vl", "qwen2_5_vl"):
+    return tokens.ADDED_TOKENS
+  if family == "qwen3_vl":
+    return tokens.ADDED_TOKENS + tokens.QWEN3_ADDED_TOKENS
+  raise ValueError(f"no tiny tokenizer for model family {family!r}")
+
+
+def build_tiny_tokenizer(
+  vocab_size: int = DEFAULT_VOCAB_SIZE, *, family: str = "qwen2_5_vl"
+) -> tokenizers.Tokenizer:
   """Trains the tiny BPE on the built-in corpus and appends Qwen's added tokens, in Qwen's order."""
   tok = _base_tokenizer()
   trainer = trainers.BpeTrainer(
@@ -158,7 +171,8 @@ def build_tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> tokenizers.Tok
     special_tokens=[],
   )
   # The chat markup is in the corpus for realistic text around it, but must not become BPE entries.
-  tok.train_from_iterator([_strip_added(t) for t in _CORPUS], trainer=trainer)
+  added = _added_tokens(family)
+  tok.train_from_iterator([_strip_added(t, added) for t in _CORPUS], trainer=trainer)
   base = tok.get_vocab_size(with_added_tokens=False)
   tok.add_special_tokens(
     [tokenizers.AddedToken(t, special=True, normalized=False) for t in tokens.SPECIAL_TOKENS]
@@ -166,23 +180,23 @@ def build_tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> tokenizers.Tok
   tok.add_tokens(
     [
       tokenizers.AddedToken(t, special=False, normalized=False)
-      for t in tokens.NON_SPECIAL_ADDED_TOKENS
+      for t in added[len(tokens.SPECIAL_TOKENS) :]
     ]
   )
-  for offset, t in enumerate(tokens.ADDED_TOKENS):
+  for offset, t in enumerate(added):
     assert tok.token_to_id(t) == base + offset, (t, tok.token_to_id(t), base + offset)
   return tok
 
 
-def _strip_added(text: str) -> str:
-  """Removes Qwen's added tokens from corpus text."""
-  for t in tokens.ADDED_TOKENS:
+def _strip_added(text: str, added: tuple[str, ...]) -> str:
+  """Removes the vocabulary's added tokens from corpus text."""
+  for t in added:
     text = text.replace(t, "\n")
   return text
 
 
-def _tokenizer_config(tok: tokenizers.Tokenizer) -> dict:
-  """`tokenizer_config.json` as Qwen2.5-VL's hub repository has it, for this vocabulary."""
+def _tokenizer_config(tok: tokenizers.Tokenizer, family: str, template: str) -> dict:
+  """`tokenizer_config.json` as the family's hub repository has it, for this vocabulary."""
   added = {
     str(tok.token_to_id(t)): {
       "content": t,
@@ -192,7 +206,7 @@ def _tokenizer_config(tok: tokenizers.Tokenizer) -> dict:
       "single_word": False,
       "special": t in tokens.SPECIAL_TOKENS,
     }
-    for t in tokens.ADDED_TOKENS
+    for t in _added_tokens(family)
   }
   return {
     "add_bos_token": False,
@@ -200,7 +214,7 @@ def _tokenizer_config(tok: tokenizers.Tokenizer) -> dict:
     "added_tokens_decoder": added,
     "additional_special_tokens": list(tokens.SPECIAL_TOKENS[1:]),
     "bos_token": None,
-    "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+    "chat_template": template,
     "clean_up_tokenization_spaces": False,
     "eos_token": tokens.IM_END,
     "errors": "replace",
@@ -251,20 +265,21 @@ def _dump(value: object) -> str:
 
 
 def make_tiny_tokenizer(
-  path: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE
+  path: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE, *, family: str = "qwen2_5_vl"
 ) -> pathlib.Path:
-  """Builds the tiny tokenizer into directory `path` (hub layout) and returns the path."""
+  """Builds the tiny tokenizer of a model family into directory `path` (hub layout)."""
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
-  tok = build_tiny_tokenizer(vocab_size)
+  tok = build_tiny_tokenizer(vocab_size, family=family)
+  template = QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl" else QWEN2_VL_CHAT_TEMPLATE
   vocab, merges = _vocab_and_merges(tok)
   _write(out / "tokenizer.json", tok.to_str(pretty=True) + "\n")
   _write(out / "vocab.json", json.dumps(vocab, ensure_ascii=False, separators=(",", ":")))
   _write(out / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-  _write(out / "tokenizer_config.json", _dump(_tokenizer_config(tok)))
+  _write(out / "tokenizer_config.json", _dump(_tokenizer_config(tok, family, template)))
   _write(out / "special_tokens_map.json", _dump(_special_tokens_map()))
   # transformers 5 reads the template from here first; 4.x reads tokenizer_config.json.
-  _write(out / "chat_template.jinja", QWEN2_VL_CHAT_TEMPLATE)
+  _write(out / "chat_template.jinja", template)
   return out
 
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rrvf_jax import sharding as sharding_lib
 from rrvf_jax.models.qwen_vl import rope
-from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask, merge_row_image_features
+from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask
 
 Image = tuple[np.ndarray, np.ndarray]  # (pixel_values [P, D], image_grid_thw [1, 3]) of one image
 
@@ -74,18 +74,12 @@ def slot_inputs(cfg, ids, mask, images: Sequence[Sequence[Image]], images_per_ro
 
 
 def row_slot_hidden_states(model, inputs: ModelInputs) -> jax.Array:
-  """Final-norm hidden states `[B, L, E]` of a batch with row image slots."""
+  """Final-norm hidden states `[B, L, E]` of a batch with row image slots (any model family)."""
   features = jax.lax.map(
     lambda px: model.encode_images(px, inputs.vision_index), inputs.pixel_values
   )
-  rows = inputs.input_ids.shape[0]
-  features = features.reshape(rows, -1, features.shape[-1])  # [B, images per row x tokens, E]
-  embeds = merge_row_image_features(
-    model.text.embed_tokens(inputs.input_ids),
-    inputs.input_ids,
-    features,
-    model.config.image_token_id,
-  )
+  # Each row's image slots are its own: feature indices never span rows.
+  embeds = model.embed_with_row_features(inputs.input_ids, features)
   return model.text(embeds, inputs.positions, causal_mask(inputs.attention_mask))
 
 

@@ -1,5 +1,6 @@
 """Image preprocessing equals transformers' PIL-backend Qwen2-VL image processor."""
 
+import dataclasses
 import importlib
 import io
 import json
@@ -266,3 +267,60 @@ def test_load_image_names_the_corrupt_source(tmp_path):
     image_lib.load_image(b"garbage")
   with pytest.raises(FileNotFoundError):
     image_lib.load_image(tmp_path / "missing.png")
+
+
+# Qwen3-VL: the same transformers class with the Qwen3-VL hub settings (patch 16, factor 32).
+QWEN3 = image_lib.ImageProcessorConfig.for_model_type("qwen3_vl")
+
+
+def _hf_qwen3(images, min_pixels, max_pixels):
+  proc = _hf_processor_class()(
+    patch_size=16,
+    merge_size=2,
+    temporal_patch_size=2,
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+    size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+  )
+  out = proc(images=images, return_tensors="np")
+  return np.asarray(out["pixel_values"]), np.asarray(out["image_grid_thw"])
+
+
+@pytest.mark.parametrize(
+  "height,width,min_pixels,max_pixels",
+  [
+    (224, 224, QWEN3.min_pixels, QWEN3.max_pixels),  # below the hub min_pixels: upscaled
+    (672, 480, QWEN3.min_pixels, QWEN3.max_pixels),  # multiples of 32 within bounds: unchanged
+    (333, 517, QWEN3.min_pixels, QWEN3.max_pixels),  # rounded to multiples of 32
+    (40, 1300, 32 * 32, 200_000),  # extreme aspect ratio
+    (900, 1100, 32 * 32, 200_000),  # above max_pixels: downscaled
+    (48, 80, 32 * 32, 200_000),  # 1.5 and 2.5 factors: banker's rounding of both sides
+  ],
+)
+def test_qwen3_vl_settings_match_transformers(height, width, min_pixels, max_pixels):
+  images = [PIL.Image.fromarray(_noise(height, width, seed=height))]
+  want_pixels, want_grid = _hf_qwen3(images, min_pixels, max_pixels)
+  config = dataclasses.replace(QWEN3, min_pixels=min_pixels, max_pixels=max_pixels)
+  got = image_lib.preprocess_images(images, config)
+  np.testing.assert_array_equal(got.image_grid_thw, want_grid)
+  np.testing.assert_allclose(got.pixel_values, want_pixels, rtol=0, atol=1e-6)
+  assert got.pixel_values.shape[1] == 3 * 2 * 16 * 16
+  h, w = (int(x) * 16 for x in got.image_grid_thw[0, 1:])
+  assert h % 32 == 0 and w % 32 == 0 and min_pixels <= h * w <= max_pixels
+
+
+def test_qwen3_vl_hub_preprocessor_config_round_trips():
+  hub = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+  }
+  assert image_lib.ImageProcessorConfig.from_dict(hub) == QWEN3
+  assert image_lib.ImageProcessorConfig.from_dict(QWEN3.to_dict()) == QWEN3
+  with pytest.raises(ValueError, match="llava"):
+    image_lib.ImageProcessorConfig.for_model_type("llava")

@@ -4,9 +4,15 @@ import jax
 import numpy as np
 import pytest
 
-from rrvf_jax.models.qwen_vl import model as model_lib
 from rrvf_jax.rollout import Sampler, SamplingParams, Segment
-from rrvf_jax.testing.prompts import feedback_turn, image_prompt, random_image
+from rrvf_jax.testing.prompts import (
+  feedback_turn,
+  full_log_probs,
+  image_prompt,
+  log_softmax,
+  random_image,
+  reply_log_probs,
+)
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0.0)
 SAMPLED = SamplingParams(max_new_tokens=16, temperature=1.0)
@@ -22,30 +28,6 @@ def sampler(model, tok):
 def prompts(tok):
   # Different text lengths and image sizes, so rows differ in length and image token count.
   return [image_prompt(tok, t, random_image(i, 56 + 28 * i)) for i, t in enumerate(TEXTS)]
-
-
-def full_log_probs(model, segments: list[Segment]) -> np.ndarray:
-  """float32 log-softmax over a whole conversation (the concatenated segments), one forward."""
-  ids = np.concatenate([s.token_ids for s in segments])
-  with_images = [s for s in segments if s.pixel_values is not None]
-  pixels = np.concatenate([s.pixel_values for s in with_images]) if with_images else None
-  grid = np.concatenate([s.image_grid_thw for s in with_images]) if with_images else None
-  inputs = model_lib.prepare_inputs(model.config, ids[None], None, pixels, grid)
-  return log_softmax(np.asarray(model_lib.jit_forward(model, inputs)[0]))
-
-
-def log_softmax(logits) -> np.ndarray:
-  """float64 log-softmax over the last axis."""
-  x = np.asarray(logits, np.float64)
-  x = x - x.max(-1, keepdims=True)
-  return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def reply_log_probs(model, context: list[Segment], reply: np.ndarray) -> np.ndarray:
-  """Log-probs of `reply`'s tokens after `context`, recomputed from scratch."""
-  log_probs = full_log_probs(model, [*context, Segment(reply)])
-  start = sum(len(s.token_ids) for s in context)
-  return log_probs[np.arange(start - 1, start - 1 + len(reply)), reply]
 
 
 def test_greedy_equals_transformers_generate(policy_dir, model, tok, sampler, prompts):

@@ -1,20 +1,27 @@
-"""Model configurations (presets and HF config.json parsing) for Qwen2-VL and Qwen2.5-VL."""
+"""Model configurations of the Qwen-VL families; presets and config.json parsing of Qwen2(.5)-VL.
+
+The dataclasses describe Qwen2-VL, Qwen2.5-VL and Qwen3-VL (fields only one family uses say so);
+Qwen3-VL's presets and config.json parsing live in `rrvf_jax.models.qwen3_vl.config`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")  # What this module parses from config.json.
+MODEL_TYPES = (*SUPPORTED_MODEL_TYPES, "qwen3_vl")  # What the dataclasses describe.
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """Vision tower hyper-parameters (ViT + 2x2 patch merger)."""
 
-  model_type: str  # "qwen2_5_vl" (RMSNorm, SwiGLU, windows) or "qwen2_vl" (LayerNorm, GELU MLP).
+  # "qwen2_5_vl" (RMSNorm, SwiGLU, windows), "qwen2_vl" (LayerNorm, quick-GELU MLP) or "qwen3_vl"
+  # (LayerNorm, tanh-GELU MLP, patch bias, learned position table, DeepStack).
+  model_type: str
   depth: int
   hidden_size: int  # ViT width D.
   num_heads: int
@@ -28,6 +35,8 @@ class VisionConfig:
   fullatt_block_indexes: tuple[int, ...] = ()
   rope_theta: float = 10000.0
   tokens_per_second: int = 2
+  num_position_embeddings: int = 0  # Qwen3-VL: learned square position table, resampled per image.
+  deepstack_visual_indexes: tuple[int, ...] = ()  # Qwen3-VL: blocks whose outputs feed DeepStack.
 
   @property
   def head_dim(self) -> int:
@@ -61,10 +70,14 @@ class TextConfig:
   mrope_section: tuple[int, ...] = (16, 24, 24)
   max_position_embeddings: int = 128000
   tie_word_embeddings: bool = False
+  explicit_head_dim: int | None = None  # HF `head_dim` when given (Qwen3); else width / heads.
+  qkv_bias: bool = True  # Qwen2 decoders bias q, k and v; Qwen3's have no attention biases.
+  qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before the rope.
+  mrope_interleaved: bool = False  # Qwen3: frequencies cycle t, h, w (else t, h, w sections).
 
   @property
   def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
+    return self.explicit_head_dim or self.hidden_size // self.num_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +103,13 @@ class ModelConfig:
 
 def _validate(cfg: ModelConfig) -> None:
   """Raises ValueError naming the first inconsistent field."""
-  if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+  if cfg.model_type not in MODEL_TYPES or cfg.vision.model_type != cfg.model_type:
     raise ValueError(
-      f"model_type {cfg.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+      f"model_type {cfg.model_type!r} (vision {cfg.vision.model_type!r}) is not supported; "
+      f"expected one of {MODEL_TYPES}"
     )
   t, v = cfg.text, cfg.vision
-  if t.hidden_size % t.num_heads:
+  if t.explicit_head_dim is None and t.hidden_size % t.num_heads:
     raise ValueError(f"text.hidden_size {t.hidden_size} not divisible by num_heads {t.num_heads}")
   if t.num_heads % t.num_kv_heads:
     raise ValueError(f"text.num_heads {t.num_heads} not divisible by num_kv_heads {t.num_kv_heads}")
@@ -112,6 +126,27 @@ def _validate(cfg: ModelConfig) -> None:
   if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
     raise ValueError(
       f"fullatt_block_indexes {v.fullatt_block_indexes} out of range for depth {v.depth}"
+    )
+  _validate_qwen3(cfg)
+
+
+def _validate_qwen3(cfg: ModelConfig) -> None:
+  """Raises ValueError for Qwen3-VL fields that do not fit together (or are set on other types)."""
+  t, v = cfg.text, cfg.vision
+  if cfg.model_type != "qwen3_vl":
+    if v.num_position_embeddings or v.deepstack_visual_indexes or t.qk_norm:
+      raise ValueError(f"{cfg.model_type}: position table, DeepStack and q/k norm are Qwen3-VL's")
+    return
+  side = math.isqrt(v.num_position_embeddings)
+  if v.num_position_embeddings < 1 or side * side != v.num_position_embeddings:
+    raise ValueError(f"num_position_embeddings {v.num_position_embeddings} is not a square > 0")
+  if any(not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
+    raise ValueError(
+      f"deepstack_visual_indexes {v.deepstack_visual_indexes} out of range for depth {v.depth}"
+    )
+  if len(v.deepstack_visual_indexes) > t.num_layers:
+    raise ValueError(
+      f"{len(v.deepstack_visual_indexes)} DeepStack levels but only {t.num_layers} decoder layers"
     )
 
 
@@ -329,12 +364,10 @@ def from_hf_dict(raw: dict[str, Any]) -> ModelConfig:
 
 
 def load_hf_config(path: str | os.PathLike) -> ModelConfig:
-  """Reads `config.json` from a local HF checkpoint directory."""
-  file = os.path.join(path, "config.json")
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"no config.json in checkpoint directory {os.fspath(path)!r}")
-  with open(file) as f:
-    return from_hf_dict(json.load(f))
+  """Reads `config.json` from a local HF checkpoint directory of any registered family."""
+  from rrvf_jax.models import registry  # Not at import time: the registry imports this module.
+
+  return registry.load_hf_config(path)
 
 
 def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:

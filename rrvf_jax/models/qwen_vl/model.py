@@ -106,12 +106,26 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
   return causal[None] & (attention_mask[:, None, :] != 0)
 
 
+def image_slots(
+  input_ids: jax.Array, image_id, num_features: int, *, per_row: bool
+) -> tuple[jax.Array, jax.Array]:
+  """(is_image `[B, L]`, slot `[B, L]`): which feature row each image token takes.
+
+  Image token k in row-major order takes feature k (HF `masked_scatter`); `per_row` counts k within
+  each row instead (features `[B, K, ...]`). Slots of other tokens are clipped, don't-care values.
+  """
+  is_image = input_ids == image_id
+  if per_row:
+    order = jnp.cumsum(is_image, axis=1) - 1
+  else:
+    order = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(is_image.shape)
+  return is_image, jnp.clip(order, 0, num_features - 1)
+
+
 def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_id):
   """Puts image feature k on the k-th image token in row-major order (HF `masked_scatter`)."""
-  is_image = input_ids == image_id
-  order = jnp.cumsum(is_image.reshape(-1)) - 1
-  gathered = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(embeds.shape)
-  return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+  is_image, slot = image_slots(input_ids, image_id, features.shape[0], per_row=False)
+  return jnp.where(is_image[..., None], features[slot].astype(embeds.dtype), embeds)
 
 
 def merge_row_image_features(
@@ -122,14 +136,25 @@ def merge_row_image_features(
   The per-row form of `merge_image_features`: no index spans rows, so a batch sharded over rows
   (or built host by host) needs no batch-global image numbering.
   """
-  is_image = input_ids == image_id
-  order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
-  gathered = jnp.take_along_axis(features, order[..., None], axis=1)
+  is_image, slot = image_slots(input_ids, image_id, features.shape[1], per_row=True)
+  gathered = jnp.take_along_axis(features, slot[..., None], axis=1)
   return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
 
+def features_per_row(features, rows: int):
+  """Image features of `[S, M, ...]` image slots regrouped as `[rows, S / rows * M, ...]`."""
+  return jax.tree.map(lambda f: f.reshape(rows, -1, *f.shape[2:]), features)
+
+
 class QwenVL(nnx.Module):
-  """Qwen2.5-VL / Qwen2-VL for conditional generation."""
+  """Qwen2.5-VL / Qwen2-VL for conditional generation.
+
+  The methods below are the model protocol the sampler and the trainers use; other families
+  (`rrvf_jax.models.qwen3_vl.Qwen3VL`) implement the same methods with their own modules.
+  """
+
+  vision_tower_cls = VisionTower
+  text_model_cls = TextModel
 
   def __init__(
     self,
@@ -141,8 +166,9 @@ class QwenVL(nnx.Module):
   ):
     self.config = config
     self.dtype = dtype
-    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.text = TextModel(config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+    self.visual = self.vision_tower_cls(config.vision, **kw)
+    self.text = self.text_model_cls(config.text, **kw)
     t = config.text
     self.lm_head = (
       None
@@ -162,15 +188,31 @@ class QwenVL(nnx.Module):
     return jit_forward(self, inputs)
 
   def encode_images(self, pixel_values: jax.Array, vision_index: rope.VisionIndex) -> jax.Array:
-    """Merged image features `[N, E]`, one row per image token, images in order."""
+    """Merged image features `[N, E]`, one row per image token, images in order.
+
+    Callers treat features as a pytree whose leaves all have the token axis first (they pad and
+    regroup it), and pass them back to `embed_with_features` / `embed_with_row_features`.
+    """
     return self.visual(pixel_values.astype(self.dtype), vision_index)
 
   def embed_with_features(self, input_ids: jax.Array, features: jax.Array | None) -> jax.Array:
-    """Token embeddings `[B, L, E]` with precomputed image features on the image tokens."""
+    """Decoder input `[B, L, E]` with precomputed image features on the image tokens.
+
+    Image token k in row-major order over the batch takes feature row k (extra rows are unused).
+    """
     embeds = self.text.embed_tokens(input_ids)
     if features is None:
       return embeds
     return merge_image_features(embeds, input_ids, features, self.config.image_token_id)
+
+  def embed_with_row_features(self, input_ids: jax.Array, features: jax.Array) -> jax.Array:
+    """Decoder input `[B, L, E]`; features of `[S, M, ...]` image slots, S / B slots per row.
+
+    Row b's k-th image token takes row b's k-th feature: no index spans rows.
+    """
+    rows = features_per_row(features, input_ids.shape[0])
+    embeds = self.text.embed_tokens(input_ids)
+    return merge_row_image_features(embeds, input_ids, rows, self.config.image_token_id)
 
   def embed(self, inputs: ModelInputs) -> jax.Array:
     """Token embeddings `[B, L, E]` with image features merged in."""

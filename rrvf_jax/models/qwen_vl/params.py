@@ -2,6 +2,11 @@
 
 Safetensors files are parsed directly (8-byte header length, JSON header, raw bytes) and memory-
 mapped, so bf16 needs no torch and a 72B checkpoint never needs twice its size in host memory.
+
+The machinery serves every registered family (`rrvf_jax.models.registry`): a family contributes
+its config parser, model class and parameter-name table; this module holds the Qwen2(.5)-VL tables.
+Keys are matched in the legacy hub layout (`model.*`, `visual.*`, `lm_head.weight`), into which
+both v5 in-memory keys and Qwen3-VL's native layout are canonicalised on reading.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from rrvf_jax import sharding as sharding_lib
+from rrvf_jax.models import registry
 from rrvf_jax.models.qwen_vl import config as config_lib
 from rrvf_jax.models.qwen_vl.model import QwenVL
 
@@ -35,7 +41,7 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 # (our parameter path regex, HF hub key template). Our Dense kernels are `in_shape + out_shape`;
 # the HF Linear/Conv weight is `[prod(out), prod(in)...]`, so one transpose rule covers them all.
-_LM = [
+TEXT_KEYS = [
   (r"text\.embed", "model.embed_tokens.weight"),
   (r"text\.norm\.scale", "model.norm.weight"),
   (r"lm_head", "lm_head.weight"),
@@ -49,6 +55,9 @@ _LM = [
     "model.layers.{0}.self_attn.{1}_proj.{2}",
   ),
   (r"text\.layers\.(\d+)\.mlp\.(gate|up|down)\.kernel", "model.layers.{0}.mlp.{1}_proj.weight"),
+  (r"text\.layers\.(\d+)\.attn\.([qk])_norm\.scale", "model.layers.{0}.self_attn.{1}_norm.weight"),
+]
+_VISION = [
   (r"visual\.patch_embed\.kernel", "visual.patch_embed.proj.weight"),
   (r"visual\.blocks\.(\d+)\.norm([12])\.(scale|bias)", "visual.blocks.{0}.norm{1}.{2}"),
   (r"visual\.blocks\.(\d+)\.attn\.(qkv|proj)\.(kernel|bias)", "visual.blocks.{0}.attn.{1}.{2}"),
@@ -71,9 +80,14 @@ _VISION_MLP = {
 _HF_SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
+def key_table(model_type: str) -> list[tuple[str, str]]:
+  """(our parameter path regex, legacy hub key template) pairs of a Qwen2(.5)-VL model."""
+  return TEXT_KEYS + _VISION + _VISION_MLP[model_type]
+
+
 def hf_key(model_type: str, path: str) -> str:
-  """HF hub-layout key of one of our parameter paths (e.g. 'text.layers.0.attn.q.kernel')."""
-  for pattern, template in _LM + _VISION_MLP[model_type]:
+  """Legacy hub-layout key of one of our parameter paths (e.g. 'text.layers.0.attn.q.kernel')."""
+  for pattern, template in registry.family(model_type).keys:
     m = re.fullmatch(pattern, path)
     if m:
       return template.format(*(_HF_SUFFIX.get(g, g) for g in m.groups()))
@@ -222,9 +236,10 @@ def write_safetensors(
 
 
 def abstract_model(cfg: config_lib.ModelConfig, *, dtype=jnp.float32, param_dtype=None) -> QwenVL:
-  """The model with ShapeDtypeStruct parameters (no memory allocated)."""
+  """The model of `cfg`'s family with ShapeDtypeStruct parameters (no memory allocated)."""
   param_dtype = dtype if param_dtype is None else param_dtype
-  return nnx.eval_shape(lambda: QwenVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  cls = registry.family(cfg.model_type).model_class
+  return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
 def _path_str(path: tuple) -> str:
@@ -238,7 +253,7 @@ def from_hf(
   mesh: jax.sharding.Mesh | None = None,
   rules: sharding_lib.Rules = sharding_lib.FSDP_TP,
 ) -> QwenVL:
-  """Loads a local HF Qwen2-VL / Qwen2.5-VL checkpoint directory into a QwenVL.
+  """Loads a local HF checkpoint directory of any registered family (`config.json`'s model_type).
 
   Args:
     path: directory with config.json and model.safetensors (or shards + index).
@@ -250,7 +265,7 @@ def from_hf(
     FileNotFoundError: config.json or a weight shard is missing.
     ValueError: unsupported model_type, missing/unexpected tensors or shape mismatches.
   """
-  cfg = config_lib.load_hf_config(path)
+  cfg = registry.load_hf_config(path)
   reader = SafetensorsReader(path)
   graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype))
   flat = nnx.to_flat_state(state)
@@ -307,7 +322,7 @@ def to_hf(
   max_shard_bytes: int = 4 << 30,
   copy_from: str | os.PathLike | None = None,
 ) -> None:
-  """Writes config.json and safetensors (hub layout, sharded with an index when large).
+  """Writes config.json and safetensors (the family's hub layout, sharded with an index if large).
 
   Args:
     model: the policy to export.
@@ -317,6 +332,7 @@ def to_hf(
       along, so the export can be served as it is.
   """
   cfg = model.config
+  family = registry.family(cfg.model_type)
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   if copy_from is not None:
@@ -334,7 +350,7 @@ def to_hf(
     fetch = lambda value=value, name=name, shape=shape: ours_to_hf(
       name, np.asarray(jax.device_get(value)), shape
     )
-    entries.append((hf_key(cfg.model_type, name), shape, dtype, fetch))
+    entries.append((family.export_key(hf_key(cfg.model_type, name)), shape, dtype, fetch))
   shards = _split_shards(entries, max_shard_bytes)
   if len(shards) == 1:
     write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
@@ -347,7 +363,7 @@ def to_hf(
     total = sum(int(np.prod(e[1])) * e[2].itemsize for e in entries)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  hf_config = config_lib.to_hf_dict(cfg)
+  hf_config = family.config_to_hf(cfg)
   hf_config["torch_dtype"] = hf_config["dtype"] = str(entries[0][2]) if entries else "float32"
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)

@@ -1,4 +1,5 @@
-"""Rotary embeddings and position indices: M-RoPE, `get_rope_index`, vision 2D rope and windows.
+"""Rotary embeddings and position indices: M-RoPE (sectioned and interleaved), `get_rope_index`,
+vision 2D rope, windows, and the resampling of Qwen3-VL's learned position table.
 
 Index arrays depend only on token ids and image grids, so they are computed on the host with NumPy
 (once per grid) and passed to the jitted model as arrays. The cos/sin tables are computed in JAX, in
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,15 +89,36 @@ def text_inv_freq(head_dim: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
+def mrope_axis_of_freq(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+  """Which position axis (0 t, 1 h, 2 w) each rope frequency `j < sum(mrope_section)` rotates by.
+
+  Sectioned (Qwen2/2.5-VL): the first `section[0]` frequencies take t, the next h, the rest w.
+  Interleaved (Qwen3-VL): frequency j takes h when `j % 3 == 1 and j < 3 * section[1]`, w when
+  `j % 3 == 2 and j < 3 * section[2]`, and t otherwise.
+  """
+  if not interleaved:
+    return np.repeat(np.arange(len(mrope_section)), mrope_section)
+  j = np.arange(sum(mrope_section))
+  axis = np.zeros_like(j)
+  for a in (1, 2):
+    axis[(j % 3 == a) & (j < 3 * mrope_section[a])] = a
+  return axis
+
+
 def mrope_cos_sin(
-  positions: jax.Array, *, head_dim: int, theta: float, mrope_section: tuple[int, ...]
+  positions: jax.Array,
+  *,
+  head_dim: int,
+  theta: float,
+  mrope_section: tuple[int, ...],
+  interleaved: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """cos/sin `[B, L, head_dim]` (float32) from M-RoPE positions `[3, B, L]`.
 
-  Frequency j takes its position from the axis whose section contains j (t, then h, then w).
+  Frequency j takes its position from the axis `mrope_axis_of_freq` assigns it.
   """
   inv_freq = text_inv_freq(head_dim, theta)
-  axis_of_freq = np.repeat(np.arange(len(mrope_section)), mrope_section)
+  axis_of_freq = mrope_axis_of_freq(mrope_section, interleaved)
   pos = positions.astype(jnp.float32)[axis_of_freq]  # [F, B, L]
   angles = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, L, F]
   emb = jnp.concatenate([angles, angles], axis=-1)
@@ -200,6 +223,9 @@ class VisionIndex:
     frames: segments of the full attention blocks (one per image frame).
     merged_order: `[N/m^2]` int32 permutation of merged units (window order).
     merged_restore: `[N/m^2]` int32 inverse permutation, applied after the merger.
+    pos_embed_index: `[N, 4]` int32 rows of the learned position table each patch interpolates
+      (Qwen3-VL; None for towers without one).
+    pos_embed_weight: `[N, 4]` float32 bilinear weights of those rows.
   """
 
   positions: jax.Array
@@ -207,6 +233,8 @@ class VisionIndex:
   frames: SegmentLayout
   merged_order: jax.Array
   merged_restore: jax.Array
+  pos_embed_index: jax.Array | None = None
+  pos_embed_weight: jax.Array | None = None
 
 
 def make_vision_index(grid_thw: np.ndarray, vision_cfg) -> VisionIndex:
@@ -223,6 +251,11 @@ def make_vision_index(grid_thw: np.ndarray, vision_cfg) -> VisionIndex:
   else:
     order, cu_windows = np.arange(n // unit), cu_frames
   patch_order = (order[:, None] * unit + np.arange(unit)).ravel()
+  interp_index = interp_weight = None
+  if getattr(vision_cfg, "num_position_embeddings", 0):
+    # Towers with a learned position table do not permute (no windows): patch order is kept.
+    side = math.isqrt(vision_cfg.num_position_embeddings)
+    interp_index, interp_weight = pos_embed_interpolation(grid_thw, side, merge)
   return VisionIndex(
     positions=positions[patch_order],
     windows=segment_layout(cu_windows),
@@ -230,7 +263,42 @@ def make_vision_index(grid_thw: np.ndarray, vision_cfg) -> VisionIndex:
     frames=segment_layout(cu_frames),
     merged_order=order.astype(np.int32),
     merged_restore=np.argsort(order).astype(np.int32),
+    pos_embed_index=interp_index,
+    pos_embed_weight=interp_weight,
   )
+
+
+def _bilinear_taps(coord: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows (floor, floor + 1, clamped) and weights `[n, 2]` of `align_corners=True` resampling.
+
+  Target coordinate i of an axis of `size` maps to `i * (side - 1) / max(size - 1, 1)` in the
+  table; all arithmetic is float32 in transformers' order, so the weights agree bit for bit.
+  """
+  src = coord.astype(np.float32) * np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)
+  floor = np.floor(src)
+  offsets = np.arange(2, dtype=np.float32)
+  taps = np.clip(floor[:, None].astype(np.int64) + offsets.astype(np.int64), 0, side - 1)
+  weights = np.clip(np.float32(1) - np.abs(src[:, None] - floor[:, None] - offsets), 0, None)
+  return taps, weights.astype(np.float32)
+
+
+def pos_embed_interpolation(
+  grid_thw: np.ndarray, side: int, merge: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Bilinear (`align_corners=True`) resampling of a `side x side` position table to each grid.
+
+  Returns rows `[N, 4]` of the flattened table and weights `[N, 4]` for every patch, patches in
+  the processor's block-major order and frames repeated (transformers'
+  `get_vision_interpolation_indices_and_weights`).
+  """
+  grid = np.asarray(grid_thw).reshape(-1, 3)
+  coords = vision_position_ids(grid, merge)  # (row, col) of every patch, block-major
+  counts = np.prod(grid, axis=1)
+  h_taps, h_weights = _bilinear_taps(coords[:, 0], np.repeat(grid[:, 1], counts), side)
+  w_taps, w_weights = _bilinear_taps(coords[:, 1], np.repeat(grid[:, 2], counts), side)
+  index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+  weight = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+  return index.astype(np.int32), weight.astype(np.float32)
 
 
 def vision_cos_sin(

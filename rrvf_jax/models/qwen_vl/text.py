@@ -1,4 +1,8 @@
-"""Qwen2 decoder with M-RoPE (the language model of Qwen2-VL and Qwen2.5-VL).
+"""Qwen2 / Qwen3 decoder with M-RoPE (the language model of Qwen2-VL, Qwen2.5-VL and Qwen3-VL).
+
+Qwen3 differs by config flags only: no q/k/v biases, RMSNorm over each head of q and k before the
+rope, an explicit head dim and interleaved M-RoPE. DeepStack (Qwen3-VL's visual residuals after
+the first layers) enters through the optional `deepstack` argument.
 
 Shapes: B batch, L length, S key length, E width, N query heads, K kv heads, H head dim,
 F MLP width.
@@ -16,31 +20,39 @@ from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, causal_attention, par
 
 
 class Attention(nnx.Module):
-  """GQA self-attention; q/k/v with bias, o without."""
+  """GQA self-attention; q/k/v with bias (Qwen2) or q/k RMSNorm per head (Qwen3), o without bias."""
 
   def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-    self.q = Dense((e,), (n, h), ("embed", "q_heads", "head_dim"), use_bias=True, **kw)
-    self.k = Dense((e,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
-    self.v = Dense((e,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, **kw)
+    bias = cfg.qkv_bias
+    self.q = Dense((e,), (n, h), ("embed", "q_heads", "head_dim"), use_bias=bias, **kw)
+    self.k = Dense((e,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=bias, **kw)
+    self.v = Dense((e,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=bias, **kw)
     self.o = Dense((n, h), (e,), ("q_heads", "head_dim", "embed"), use_bias=False, **kw)
+    norm = {"eps": cfg.rms_norm_eps, "param_dtype": param_dtype, "rngs": rngs}
+    self.q_norm = RMSNorm(h, "head_dim", **norm) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(h, "head_dim", **norm) if cfg.qk_norm else None
     self.scale = h**-0.5
 
-  def __call__(self, x_ble, cos, sin, mask_bls):
+  def _rotated_qk(self, x, cos, sin):
+    """Rope-rotated queries and keys `[B, T, heads, H]` (q/k-normed first where configured)."""
     # HF casts cos/sin to the activation dtype and rotates in that dtype.
-    cos, sin = cos.astype(x_ble.dtype), sin.astype(x_ble.dtype)
-    q = rope.apply_rope(self.q(x_ble), cos, sin)
-    k = rope.apply_rope(self.k(x_ble), cos, sin)
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    q, k = self.q(x), self.k(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+
+  def __call__(self, x_ble, cos, sin, mask_bls):
+    q, k = self._rotated_qk(x_ble, cos, sin)
     q = sharding.constrain(q, ("batch", "length", "act_heads", None))
     out = causal_attention(q, k, self.v(x_ble), mask_bls, scale=self.scale)
     return self.o(out)
 
   def cached(self, x_bte, cos, sin, mask_bts, k_cache, v_cache, offset):
     """Attention of T new tokens over the cache; their keys/values go to slots `offset + [0, T)`."""
-    cos, sin = cos.astype(x_bte.dtype), sin.astype(x_bte.dtype)
-    q = rope.apply_rope(self.q(x_bte), cos, sin)
-    k = rope.apply_rope(self.k(x_bte), cos, sin)
+    q, k = self._rotated_qk(x_bte, cos, sin)
     k_cache, v_cache = kv_cache.write(k_cache, v_cache, k, self.v(x_bte), offset)
     k_cache = sharding.constrain(k_cache, kv_cache.K_AXES)
     v_cache = sharding.constrain(v_cache, kv_cache.V_AXES)
@@ -112,30 +124,44 @@ class TextModel(nnx.Module):
   def embed_tokens(self, input_ids):
     return self.embed[...][input_ids].astype(self.dtype)
 
-  def __call__(self, x_ble, positions_3bl, mask_bls):
-    """Runs the decoder on embeddings; `mask_bls` is the boolean attention mask, causal."""
+  def cos_sin(self, positions_3bl: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """M-RoPE cos/sin `[B, L, head_dim]` of positions `[3, B, L]`."""
     cfg = self.cfg
+    return rope.mrope_cos_sin(
+      positions_3bl,
+      head_dim=cfg.head_dim,
+      theta=cfg.rope_theta,
+      mrope_section=cfg.mrope_section,
+      interleaved=cfg.mrope_interleaved,
+    )
+
+  def __call__(self, x_ble, positions_3bl, mask_bls, deepstack=None):
+    """Runs the decoder on embeddings; `mask_bls` is the boolean attention mask, causal.
+
+    `deepstack` (optional) adds `deepstack.residual(i)` to the hidden states after layer i for its
+    `deepstack.levels` first layers (Qwen3-VL's visual features at the image positions).
+    """
     with jax.named_scope("decoder"):
-      cos, sin = rope.mrope_cos_sin(
-        positions_3bl, head_dim=cfg.head_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
-      )
-      for layer in self.layers:
+      cos, sin = self.cos_sin(positions_3bl)
+      for i, layer in enumerate(self.layers):
         x_ble = remat.call_layer(layer, x_ble, cos, sin, mask_bls)
+        if deepstack is not None and i < deepstack.levels:
+          x_ble = x_ble + deepstack.residual(i).astype(x_ble.dtype)
       return self.norm(x_ble)
 
   def cached(
-    self, x_bte, positions_3bt, cache: kv_cache.KVCache, offset
+    self, x_bte, positions_3bt, cache: kv_cache.KVCache, offset, deepstack=None
   ) -> tuple[jax.Array, kv_cache.KVCache]:
     """Runs T new tokens (slots `offset + [0, T)`, already marked in `cache.valid`) on the cache."""
-    cfg = self.cfg
     with jax.named_scope("decoder_cached"):
-      cos, sin = rope.mrope_cos_sin(
-        positions_3bt, head_dim=cfg.head_dim, theta=cfg.rope_theta, mrope_section=cfg.mrope_section
-      )
+      cos, sin = self.cos_sin(positions_3bt)
       mask = kv_cache.attention_mask(cache, offset, x_bte.shape[1])
       ks, vs = [], []
-      for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
+      layers = zip(self.layers, cache.k, cache.v, strict=True)
+      for i, (layer, k_cache, v_cache) in enumerate(layers):
         x_bte, k_cache, v_cache = layer.cached(x_bte, cos, sin, mask, k_cache, v_cache, offset)
+        if deepstack is not None and i < deepstack.levels:
+          x_bte = x_bte + deepstack.residual(i).astype(x_bte.dtype)
         ks.append(k_cache)
         vs.append(v_cache)
       return self.norm(x_bte), kv_cache.KVCache(tuple(ks), tuple(vs), cache.valid)

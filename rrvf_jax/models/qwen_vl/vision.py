@@ -1,5 +1,7 @@
 """Vision tower of Qwen2.5-VL (windowed, RMSNorm, SwiGLU) and Qwen2-VL (LayerNorm, GELU MLP).
 
+Its blocks and merger are shared with Qwen3-VL's tower (`rrvf_jax.models.qwen3_vl.vision`).
+
 Shapes: P patches, D ViT width, N heads, H head dim, F MLP width, M merged tokens (P / 4).
 """
 
@@ -25,6 +27,15 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def tanh_gelu(x: jax.Array) -> jax.Array:
+  """GELU with the tanh approximation (HF `gelu_pytorch_tanh`)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+# Activation of the ungated ViT MLP (fc1 -> act -> fc2) per model type.
+_MLP_ACTIVATION = {"qwen2_vl": quick_gelu, "qwen3_vl": tanh_gelu}
+
+
 class VisionAttention(nnx.Module):
   """Bidirectional attention restricted to segments (windows or whole frames)."""
 
@@ -48,7 +59,7 @@ class VisionAttention(nnx.Module):
 
 
 class VisionMLP(nnx.Module):
-  """SwiGLU with biases (Qwen2.5-VL) or fc1 -> quick_gelu -> fc2 (Qwen2-VL)."""
+  """SwiGLU with biases (Qwen2.5-VL) or fc1 -> GELU -> fc2 (Qwen2-VL quick, Qwen3-VL tanh GELU)."""
 
   def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
@@ -57,11 +68,12 @@ class VisionMLP(nnx.Module):
     self.up = Dense((d,), (f,), ("vit_embed", "vit_mlp"), **kw)
     self.gate = Dense((d,), (f,), ("vit_embed", "vit_mlp"), **kw) if self.gated else None
     self.down = Dense((f,), (d,), ("vit_mlp", "vit_embed"), **kw)
+    self.model_type = cfg.model_type
 
   def __call__(self, x):
     if self.gated:
       return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-    return self.down(quick_gelu(self.up(x)))
+    return self.down(_MLP_ACTIVATION[self.model_type](self.up(x)))
 
 
 class VisionBlock(nnx.Module):
@@ -79,19 +91,29 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-  """Norm per patch, concatenate each 2x2 block, then Linear -> exact GELU -> Linear."""
+  """Norm per patch, concatenate each 2x2 block, then Linear -> exact GELU -> Linear.
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  With `postshuffle_norm` (Qwen3-VL's DeepStack mergers) the blocks are concatenated first and
+  the norm runs over the concatenation.
+  """
+
+  def __init__(
+    self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, postshuffle_norm: bool = False
+  ):
     d, unit = cfg.hidden_size, cfg.merge_unit
     kw = {"use_bias": True, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
     self.unit = unit
-    self.norm = _norm(cfg, d, "vit_embed", param_dtype, rngs)
+    self.postshuffle_norm = postshuffle_norm
+    if postshuffle_norm:
+      self.norm = _norm(cfg, unit * d, "vit_merged", param_dtype, rngs)
+    else:
+      self.norm = _norm(cfg, d, "vit_embed", param_dtype, rngs)
     self.fc1 = Dense((unit * d,), (unit * d,), ("vit_merged", "vit_merged_out"), **kw)
     self.fc2 = Dense((unit * d,), (cfg.out_hidden_size,), ("vit_merged_out", "embed"), **kw)
 
   def __call__(self, x_pd):
-    x = self.norm(x_pd)
-    x = x.reshape(x.shape[0] // self.unit, -1)
+    shuffle = lambda x: x.reshape(x.shape[0] // self.unit, -1)
+    x = self.norm(shuffle(x_pd)) if self.postshuffle_norm else shuffle(self.norm(x_pd))
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
