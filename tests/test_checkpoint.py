@@ -285,3 +285,23 @@ def test_export_hf_writes_a_loadable_checkpoint(tmp_path):
   assert len(a) == len(b)
   for path, var in a:
     np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(b[path].get_value()))
+
+
+def test_later_stages_settings_do_not_invalidate_a_stages_checkpoints():
+  # Regression: turning the eval stage on after SFT refused the SFT checkpoints ("a different
+  # run"), so a finished cold start could not be reused by a run that evaluates.
+  from configs import chart
+  from rrvf_jax.train import grpo, sft_loop
+
+  base = chart.get_config("demo")
+  later = chart.get_config("demo")
+  later.eval.enabled = not base.eval.enabled
+  later.eval.max_items = base.eval.max_items + 1
+  later.grpo.max_turns = 1  # the ablation's setting: GRPO keys never touch SFT checkpoints
+  for keys in (sft_loop.RESUMABLE_KEYS, grpo.RESUMABLE_KEYS + ("grpo.max_turns",)):
+    assert checkpoint.config_fingerprint(base, keys) == checkpoint.config_fingerprint(later, keys)
+  changed = chart.get_config("demo")
+  changed.sft.learning_rate *= 2
+  assert checkpoint.config_fingerprint(base, sft_loop.RESUMABLE_KEYS) != (
+    checkpoint.config_fingerprint(changed, sft_loop.RESUMABLE_KEYS)
+  )

@@ -38,7 +38,7 @@ WEB_DEFECTS = ("color", "text", "element", "layout", "missing")
 # Share of examples with 0, 1 and 2 feedback rounds; and of 1-round drafts that are already right
 # (the render confirms them, the answer repeats them: the loop is not only for fixing).
 ROUND_WEIGHTS = (0.2, 0.5, 0.3)
-CORRECT_DRAFT_SHARE = 0.25
+CORRECT_DRAFT_SHARE = 0.4
 # Chance that a draft's defect is a code error (if the program allows one), else a visual one.
 ERROR_SHARE = 0.3
 
@@ -700,14 +700,17 @@ def write_trajectories(
 ) -> list[Written]:
   """A self-correction trajectory per example, with real renders and the judge's comments.
 
-  `render(codes)` returns `env.RenderResult`s; `judge` is an `env.Judge` (feedback mode). An
-  example whose drafts do not render or show no difference gets a new plan, up to `RETRIES`
-  times, then none (an answer-only trajectory). Deterministic given `seed` and the example ids.
+  `render(codes)` returns `env.RenderResult`s; `judge` is an `env.Judge` (feedback mode). A plan
+  is kept when every defect shows: a code error fails to run, a visual defect renders differently
+  from the state it is fixed into, and the judge's comments on it are not the ones it writes for
+  a render equal to the target (so comments that say the render matches always mean the answer
+  repeats the draft). Otherwise the example gets a new plan, up to `RETRIES` times, then none (an
+  answer-only trajectory). Deterministic given `seed` and the example ids.
   """
   from rrvf_jax import env  # the sandbox and judges load only for dataset builds
 
   plans = {e.id: _plan(e, task, seed, 0) for e in examples}
-  renders: dict[str, list[Any]] = {}
+  kept: dict[str, list[tuple[Any, str | None]]] = {}  # renders and the judge's comments
   pending = [e for e in examples if plans[e.id]]
   for attempt in range(1, RETRIES + 2):
     codes = [d.code for e in pending for d in plans[e.id]]
@@ -715,8 +718,9 @@ def write_trajectories(
     retry = []
     for e in pending:
       got = [next(results) for _ in plans[e.id]]
-      if _usable(plans[e.id], got, e.image):
-        renders[e.id] = got
+      comments = _comments(judge, task, e, plans[e.id], got)
+      if _usable(plans[e.id], got, e.image) and comments is not None:
+        kept[e.id] = list(zip(got, comments, strict=True))
       elif attempt <= RETRIES:
         plans[e.id] = _plan(e, task, seed, attempt)
         if plans[e.id]:
@@ -729,16 +733,13 @@ def write_trajectories(
   tool = env.tool_for_kind(task)
   out = []
   for e in examples:
-    drafts = plans[e.id] if e.id in renders else []
+    drafts = plans[e.id] if e.id in kept else []
     messages, pngs, errors = [], [], []
-    for draft, result in zip(drafts, renders.get(e.id, ()), strict=True):
+    for draft, (result, feedback) in zip(drafts, kept.get(e.id, ()), strict=True):
       call = env.parse_tool_call(
         json.dumps({"name": tool.name, "arguments": {"code": draft.code}}), (tool,)
       )
-      feedback = None
       if result.ok:
-        verdict = judge.judge(e.image, result.image, kind=task, code=draft.code, mode="feedback")
-        feedback = verdict.feedback
         pngs.append(result.png)
       messages.append(env.make_tool_response(call, result, feedback).to_message())
       errors.append("" if result.ok else error_name(result.message))
@@ -751,4 +752,19 @@ def write_trajectories(
       errors=errors,
     )
     out.append(Written(turns, pngs))
+  return out
+
+
+def _comments(judge, task: str, example: Example, drafts, renders) -> list[str | None] | None:
+  """The judge's comments on each rendered draft; None when a visual defect does not show."""
+  matching = judge.judge(example.image, example.image, kind=task, mode="feedback").feedback
+  out: list[str | None] = []
+  for draft, result in zip(drafts, renders, strict=True):
+    if not result.ok or result.image is None:
+      out.append(None)
+      continue
+    verdict = judge.judge(example.image, result.image, kind=task, code=draft.code, mode="feedback")
+    if draft.defect is not None and verdict.feedback == matching:
+      return None
+    out.append(verdict.feedback)
   return out

@@ -45,6 +45,7 @@ RESUMABLE_KEYS = (
   "grpo.log_every",
   "grpo.images_every",
   "grpo.eval_examples",
+  "eval",
 )
 
 

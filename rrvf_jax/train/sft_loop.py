@@ -39,6 +39,7 @@ RESUMABLE_KEYS = (
   "grpo",
   "reward",
   "judge",
+  "eval",
 )
 
 

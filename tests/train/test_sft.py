@@ -140,7 +140,7 @@ def _conversation_example(rng_seed: int, rounds: int) -> dict:
     revisions.Draft(code.replace("[3,1,2]", "[3,1,4]"), None),
   ][:rounds]
   drafts = [
-    revisions.Draft(d.code, revisions.Defect("color", d.code, "red, not blue", 1)) for d in drafts
+    revisions.Draft(d.code, revisions.Defect("color", d.code, "red, not blue")) for d in drafts
   ]
   tool = {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "Colours."}]}
   messages = revisions.conversation(
