@@ -298,7 +298,7 @@ def test_later_stages_settings_do_not_invalidate_a_stages_checkpoints():
   later.eval.enabled = not base.eval.enabled
   later.eval.max_items = base.eval.max_items + 1
   later.grpo.max_turns = 1  # the ablation's setting: GRPO keys never touch SFT checkpoints
-  for keys in (sft_loop.RESUMABLE_KEYS, grpo.RESUMABLE_KEYS + ("grpo.max_turns",)):
+  for keys in (sft_loop.RESUMABLE_KEYS, (*grpo.RESUMABLE_KEYS, "grpo.max_turns")):
     assert checkpoint.config_fingerprint(base, keys) == checkpoint.config_fingerprint(later, keys)
   changed = chart.get_config("demo")
   changed.sft.learning_rate *= 2

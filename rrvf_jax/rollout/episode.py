@@ -430,14 +430,25 @@ def _then(
 class _Host:
   """Submits renders and chains judging (and image preprocessing) on a thread pool."""
 
-  def __init__(self, render_submit, judge, target_images, task, proc_cfg, workers: int, **kw):
+  def __init__(
+    self,
+    render_submit,
+    judge,
+    target_images,
+    task,
+    proc_cfg,
+    workers: int,
+    *,
+    score_drafts: bool,
+    judge_failure: JudgeFailure,
+  ):
     self.render_submit = render_submit
     self.judge = judge
     self.targets = target_images
     self.task = task
     self.proc_cfg = proc_cfg
-    self.score_drafts: bool = kw["score_drafts"]
-    self.drop_on_failure: bool = kw["judge_failure"] == "drop"
+    self.score_drafts = score_drafts
+    self.drop_on_failure = judge_failure == "drop"
     self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="episode-host")
 
   def submit(self, code: str, prompt_index: int, mode: str) -> concurrent.futures.Future:
