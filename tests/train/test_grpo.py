@@ -1,11 +1,14 @@
 """GRPO on real multi-turn trajectories: ratio 1 via the training path, zero gradient off-policy."""
 
 import concurrent.futures
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from rrvf_jax import env
 from rrvf_jax.models import qwen_vl
@@ -14,7 +17,8 @@ from rrvf_jax.rl import algorithms
 from rrvf_jax.rollout import SamplingParams, episode
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing.scripted import NO_ACTION, TextScriptedSampler, answer, call
-from rrvf_jax.train import grpo
+from rrvf_jax.train import grpo, step
+from rrvf_jax.train import state as state_lib
 
 SIDE = 56  # targets and renders share one canvas, as in a run
 
@@ -157,3 +161,38 @@ def test_batch_rejects_mixed_canvases_and_overflows(policy, played):
     grpo.make_grpo_batch(model.config, played, np.zeros(4), length=64, images_per_row=4, pad_id=0)
   with pytest.raises(ValueError, match="shows 2 images, more than 1"):
     grpo.make_grpo_batch(model.config, played, np.zeros(4), length=1024, images_per_row=1, pad_id=0)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_update_with_remat_equals_update_without(policy, played, remat):
+  # Regression: with remat (the paper preset's grpo.remat=dots) the update failed to trace:
+  # nnx.remat ran inside the lax.map that encodes images one by one and could not write the
+  # layer's state back to a module from the outer trace ("Cannot mutate Param from a different
+  # trace level"). `python -m rrvf_jax.compile_check` found it.
+  model, tok = policy
+  batch = make_batch(policy, played, [0.5, -0.5, 1.0, -1.0])
+  tx = optax.sgd(1.0)  # the new parameters differ by the gradients (Adam would rescale noise)
+  loss = functools.partial(
+    grpo.grpo_loss,
+    policy_loss=algorithms.make_policy_loss("grpo"),
+    temperature=1.0,
+    chunk_size=128,
+    banned_token_ids=grpo.banned_token_ids(tok),
+  )
+  results = []
+  for policy_name in ("none", remat):
+    graphdef, params = state_lib.split_params(model)
+    # A copy: the step donates its state, and the module fixture is shared.
+    fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
+    graphdef, state = state_lib.train_state_from_model(fresh, tx)
+    train_step = step.make_train_step(
+      graphdef, loss, tx, remat=False if policy_name == "none" else policy_name
+    )
+    results.append(train_step(state, batch))
+  (plain, plain_metrics), (remat_state, remat_metrics) = results
+  assert float(remat_metrics["loss"]) == pytest.approx(float(plain_metrics["loss"]), rel=1e-6)
+  assert float(remat_metrics["grad_norm"]) == pytest.approx(
+    float(plain_metrics["grad_norm"]), rel=1e-5
+  )
+  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(remat_state.params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
