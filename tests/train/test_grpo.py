@@ -9,9 +9,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rrvf_jax import env
+from rrvf_jax import env, hlo, sharding
 from rrvf_jax.models import qwen_vl
+from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.processing import tokens
 from rrvf_jax.rl import algorithms
 from rrvf_jax.rollout import SamplingParams, episode
@@ -98,7 +100,7 @@ def make_batch(policy, trajectories, advantages):
 
 
 def test_trainer_logprobs_equal_sampler_logprobs(policy, played):
-  """Ratio 1 at the first epoch: images encoded one by one, banned ids, temperature all agree."""
+  """Ratio 1 at the first epoch: images encoded as a batch, banned ids, temperature all agree."""
   model, tok = policy
   batch = make_batch(policy, played, [0.5, -0.5, 1.0, -1.0])
   logp = grpo.policy_logprobs(
@@ -166,7 +168,7 @@ def test_batch_rejects_mixed_canvases_and_overflows(policy, played):
 @pytest.mark.parametrize("remat", ["dots", "full"])
 def test_update_with_remat_equals_update_without(policy, played, remat):
   # Regression: with remat (the paper preset's grpo.remat=dots) the update failed to trace:
-  # nnx.remat ran inside the lax.map that encodes images one by one and could not write the
+  # nnx.remat ran inside the lax.map that encoded images one by one and could not write the
   # layer's state back to a module from the outer trace ("Cannot mutate Param from a different
   # trace level"). `python -m rrvf_jax.compile_check` found it.
   model, tok = policy
@@ -196,3 +198,28 @@ def test_update_with_remat_equals_update_without(policy, played, remat):
   )
   for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(remat_state.params), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_each_device_encodes_only_its_own_rows_images(policy):
+  # Regression: the GRPO loss encoded images in a lax.map over all of them, so every device ran
+  # every image: at 7B on 32 chips the update needed 422 GiB per chip (compile_check). As one
+  # batch sharded over the mesh's batch axes, a device's matmul FLOPs are its own images'.
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 (fake) devices")
+  model, _ = policy
+  graphdef, params = nnx.split(model)
+  index = rope.make_vision_index(np.asarray([[1, 8, 8]]), model.config.vision)
+  pixels = np.zeros((16, 64, model.config.vision.patch_dim), np.float32)
+  flops = {}
+  for devices in (1, 8):
+    mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
+
+    def encode(params, pixels, mesh=mesh):
+      with sharding.activation_rules(mesh, sharding.FSDP_TP):
+        return nnx.merge(graphdef, params).encode_canvas_images(pixels, index)
+
+    placed = jax.device_put(pixels, NamedSharding(mesh, PartitionSpec("fsdp")))
+    replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    compiled = jax.jit(encode).lower(replicated, placed).compile()
+    flops[devices] = hlo.summarize(compiled.as_text()).flops
+  assert flops[1] > 0 and flops[8] <= flops[1] / 7
