@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from rrvf_jax import sharding as sharding_lib
-from rrvf_jax.models.qwen_vl import kv_cache
+from rrvf_jax.models.qwen_vl import kv_cache, rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig, get_preset
 from rrvf_jax.models.qwen_vl.model import QwenVL
 from rrvf_jax.train import optim
@@ -38,6 +38,7 @@ from rrvf_jax.train import state as state_lib
 GIB = 2**30
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 REMAT = ("none", "dots", "full")
+STEP_RNG_BYTES = 4 + 8  # TrainState.step (int32) and .rng (uint32[2]), replicated
 ROLES = ("trainer", "judge")
 
 # Paper-scale GRPO defaults, as in configs/common.py base_config() (a test keeps them equal).
@@ -269,19 +270,38 @@ def patches_per_image(cfg: ModelConfig, image_size: int) -> int:
   return (image_size // cfg.vision.patch_size) ** 2
 
 
+def vision_index_bytes(cfg: ModelConfig, image_size: int) -> int:
+  """Bytes of the vision index of one square canvas image (replicated on every device)."""
+  side = image_size // cfg.vision.patch_size
+  index = rope.make_vision_index(np.asarray([[1, side, side]]), cfg.vision)
+  return sum(np.asarray(x).nbytes for x in jax.tree.leaves(index))
+
+
 def train_batch_bytes(
-  cfg: ModelConfig, rows: int, length: int, images_per_row: int, image_size: int, sizes, rules
+  cfg: ModelConfig,
+  rows: int,
+  length: int,
+  images_per_row: int,
+  image_size: int,
+  sizes,
+  rules,
+  micro_batches: int = 1,
 ) -> int:
   """Per-device bytes of one mini-batch as the GRPO step receives it (all its micro-batches).
 
   Per row: ids, attention mask, 3 M-RoPE positions, targets (int32) and loss mask, old log-probs
-  (float32) = 32 bytes per token, plus `images_per_row` float32 image slots of patches x patch_dim.
-  Rows shard over data x fsdp (the image slots only when they divide, as train/batch.py does).
+  (float32) = 32 bytes per token, its advantage (float32), plus `images_per_row` float32 image
+  slots of patches x patch_dim; per micro-batch, the vision index of one image (replicated: every
+  image shares the canvas). Rows shard over data x fsdp (the image slots only when they divide,
+  as train/batch.py does).
   """
   mesh = abstract_mesh(sizes)
   tokens = _logical_bytes((rows, length), np.float32, ("batch",), rules, mesh) * 8
-  slots = (rows * images_per_row, patches_per_image(cfg, image_size), cfg.vision.patch_dim)
-  return tokens + _logical_bytes(slots, np.float32, ("batch",), rules, mesh)
+  per_micro = rows // micro_batches
+  advantages = micro_batches * _logical_bytes((per_micro,), np.float32, ("batch",), rules, mesh)
+  slots = (per_micro * images_per_row, patches_per_image(cfg, image_size), cfg.vision.patch_dim)
+  pixels = micro_batches * _logical_bytes(slots, np.float32, ("batch",), rules, mesh)
+  return tokens + advantages + pixels + micro_batches * vision_index_bytes(cfg, image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +524,12 @@ def trainer_plan(
   opt_desc = "/".join(state.opt_dtypes) or "none"
   table = [
     Row(f"parameters ({dtype})", state.param_device, "static", "exact"),
-    Row(f"optimizer state (AdamW mu+nu, {opt_desc})", state.opt_device, "static", "exact"),
+    Row(
+      f"optimizer state (AdamW mu+nu, {opt_desc}; step, RNG key)",
+      state.opt_device + STEP_RNG_BYTES,
+      "static",
+      "exact",
+    ),
   ]
   if kl_coef > 0:
     table.append(Row("reference parameters (kl_coef > 0)", state.param_device, "static", "exact"))
@@ -527,7 +552,9 @@ def trainer_plan(
   table += [
     Row(
       f"train batch ({mini_rows} rows x {length} tokens, {images_per_row} images/row)",
-      train_batch_bytes(cfg, mini_rows, length, images_per_row, image_size, sizes, rules),
+      train_batch_bytes(
+        cfg, mini_rows, length, images_per_row, image_size, sizes, rules, micro_batches
+      ),
       "train",
       "exact",
     ),

@@ -271,3 +271,18 @@ def test_cli_rejects_a_corrupt_image_in_a_dataset(tmp_path):
   out = _main(*_coldstart_args(tmp_path, manual))
   _assert_one_line_error(out, "rrvf_jax.main: error:")
   assert "bad.png" in out.stderr.strip().splitlines()[-1]
+
+
+def test_cpu_only_machine_with_libtpu_skips_the_tpu_probe():
+  from rrvf_jax import cli
+
+  env = {}
+  assert cli.prefer_cpu(env, libtpu=True, accelerator=False) and env == {"JAX_PLATFORMS": "cpu"}
+  for env, libtpu, accelerator in [
+    ({"JAX_PLATFORMS": "tpu"}, True, False),  # the user's choice stays
+    ({}, False, False),  # no libtpu: JAX has nothing to probe
+    ({}, True, True),  # a TPU VM or a GPU machine: JAX picks the accelerator
+  ]:
+    before = dict(env)
+    assert not cli.prefer_cpu(env, libtpu=libtpu, accelerator=accelerator)
+    assert env == before

@@ -167,6 +167,14 @@ class Sampler:
 
   def new_session(self, batch_size: int) -> Session:
     """An empty session of `batch_size` rows."""
+    return Session(self.session_program(batch_size)(), 0)
+
+  def session_program(self, batch_size: int):
+    """The jitted function (no arguments) that makes an empty state of `batch_size` rows.
+
+    Its outputs are placed as the sampler's later calls expect them: rows over the rules' batch
+    axes, KV heads over tensor (each replicated where it does not divide).
+    """
     make = functools.partial(
       engine.empty_state,
       engine.merge(self.graphdef, self.params),
@@ -175,7 +183,7 @@ class Sampler:
       self.cache_dtype,
     )
     if self.mesh is None:
-      return Session(jax.jit(make)(), 0)
+      return jax.jit(make)
     shapes = jax.eval_shape(make)
     shardings = jax.tree.map(lambda x: self._sharding(("batch",), x.shape), shapes)
     k_shape, v_shape = shapes.cache.k[0].shape, shapes.cache.v[0].shape
@@ -184,7 +192,7 @@ class Sampler:
       shardings.cache, k=(k,) * len(shapes.cache.k), v=(v,) * len(shapes.cache.v)
     )
     shardings = dataclasses.replace(shardings, cache=cache)
-    return Session(jax.jit(make, out_shardings=shardings)(), 0)
+    return jax.jit(make, out_shardings=shardings)
 
   def _sharding(self, axes, shape) -> NamedSharding:
     """Sharding of an array of `shape` by logical `axes`; non-dividing axes stay replicated."""

@@ -1,0 +1,223 @@
+"""Ahead-of-time TPU compilation of a run's programs (libtpu, no TPU): table fields and failures."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+pytest.importorskip("libtpu", reason="libtpu (requirements-tpu.txt) compiles for TPU topologies")
+
+from configs import chart
+from rrvf_jax import compile_check, hlo, memory_plan
+
+TOPOLOGY = "v5p:2x2x1"
+
+
+def tiny_config(**overrides):
+  """The demo config (tiny model) in bfloat16 at smaller sizes, with `section.key=value` overrides.
+
+  Small images and sequences keep each test's compiles within seconds on two CPU cores.
+  """
+  config = chart.get_config("demo")
+  config.model.dtype = "bfloat16"
+  config.image.width = config.image.height = 112
+  config.sft.max_length = 512
+  config.grpo.max_total_tokens = 1024
+  config.grpo.max_new_tokens = 32
+  config.grpo.max_turns = 1
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def make_run(tmp_path, **overrides):
+  topology = compile_check.parse_topology(TOPOLOGY)
+  return compile_check.make_run(tiny_config(**overrides), topology, str(tmp_path))
+
+
+def v5p_mesh(shape=(1, 4, 1)):
+  devices = compile_check.topology_devices(compile_check.parse_topology(TOPOLOGY))
+  return Mesh(np.asarray(devices).reshape(shape), ("data", "fsdp", "tensor"))
+
+
+def test_topology_names():
+  t = compile_check.parse_topology("v5p-64")
+  assert (t.chips, t.hosts, t.shape, t.libtpu_name) == (32, 8, (2, 4, 4), "v5p:2x4x4")
+  t = compile_check.parse_topology("v6e-8")
+  assert (t.chips, t.hosts, t.libtpu_name) == (8, 1, "v6e:2x4")
+  t = compile_check.parse_topology("v5p:2x2x1")
+  assert (t.chips, t.hosts) == (4, 1)
+  assert compile_check.parse_topology("v5p-128").hosts == 16
+  for bad, words in [("v5p-6", "unknown slice"), ("tpu9", "expected e.g."), ("v6e:2x2x2", "2 dim")]:
+    with pytest.raises(ValueError, match=words) as info:
+      compile_check.parse_topology(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_topology_devices_group_chips_by_host():
+  devices = compile_check.topology_devices(compile_check.parse_topology("v5p-64"))
+  assert len(devices) == 32 and len({d.process_index for d in devices}) == 8
+  assert {d.device_kind for d in devices} == {"TPU v5"}
+
+
+@pytest.mark.parametrize("kind", ["v5p", "v6e"])
+def test_chip_hbm_is_what_the_compiler_allocates_from(kind):
+  name = {"v5p": "v5p:2x2x1", "v6e": "v6e:2x4"}[kind]
+  devices = compile_check.topology_devices(compile_check.parse_topology(name))
+  mesh = Mesh(np.asarray(devices[:1]), ("x",))
+  big = jax.ShapeDtypeStruct(
+    (2**40 // 4,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec())
+  )
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED") as info:
+    jax.jit(lambda x: x + 1).lower(big).compile()
+  assert f"available HBM ({compile_check.CHIPS[kind].hbm_gib:.2f}G)" in str(info.value)
+
+
+def test_hlo_counts_loop_bodies_by_their_trips():
+  # XLA's cost analysis counts a scan's body once; the HLO reader multiplies it by the trips.
+  mesh = v5p_mesh()
+  w = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+  xs = jax.ShapeDtypeStruct(
+    (8, 64, 512), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec())
+  )
+
+  def scanned(w, xs):
+    return jax.lax.scan(lambda c, x: (c + jnp.sum(x @ w), None), 0.0, xs)[0]
+
+  compiled = jax.jit(scanned).lower(w, xs).compile()
+  summary = hlo.summarize(compiled.as_text())
+  per_trip = 2 * 64 * 512 * 512
+  assert [(loop.trips, loop.flops_per_trip) for loop in summary.loops] == [(8, per_trip)]
+  assert summary.flops == 8 * per_trip and summary.flops_once == per_trip
+  assert compiled.cost_analysis()["flops"] < 2 * per_trip  # the body once
+  # Without a loop the reader's matmul FLOPs are the compiler's (less its element-wise work).
+  plain = (
+    jax.jit(lambda w, x: x @ w).lower(w, jax.ShapeDtypeStruct((64, 512), jnp.bfloat16)).compile()
+  )
+  flops = hlo.summarize(plain.as_text()).flops
+  assert flops == per_trip
+  assert flops <= plain.cost_analysis()["flops"] < 1.05 * flops
+
+
+def test_hlo_finds_collectives_and_their_bytes():
+  mesh = v5p_mesh()
+  w = jax.ShapeDtypeStruct(
+    (1024, 256), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("fsdp"))
+  )
+  x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+  compiled = jax.jit(lambda w, x: x @ w, out_shardings=NamedSharding(mesh, PartitionSpec())).lower(
+    w, x
+  )
+  found = hlo.summarize(compiled.compile().as_text()).collectives
+  assert found, "a sharded contraction needs a collective"
+  assert all(c.opcode in hlo.COLLECTIVES and c.bytes > 0 for c in found)
+
+
+def _check_fields(results):
+  hbm = int(compile_check.CHIPS["v5p"].hbm_gib * compile_check.GIB)
+  for r in results:
+    assert r.ok, r.failure
+    assert r.hbm == hbm and r.compile_s > 0
+    assert r.peak == r.arguments + r.temporaries + r.outputs - r.aliased + r.resident
+    # The arguments' bytes in the compiler's tiled layouts are what its memory analysis counts.
+    assert r.arguments_padded == r.arguments >= r.arguments_logical
+  report = json.loads(json.dumps([r.as_dict() for r in results]))
+  fields = {"arguments", "temporaries", "outputs", "aliased", "peak", "peak_fraction", "compile_s"}
+  assert fields | {"flops", "estimated_s", "mfu", "bound_s"} <= set(report[0])
+  return {r.name: r for r in results}
+
+
+def test_tiny_train_programs_compile_with_the_table_fields(tmp_path):
+  run = make_run(tmp_path)
+  results = compile_check.check(run, only=["sft_step", "grpo_step", "logprobs"])
+  by_name = _check_fields(results)
+  for r in results:
+    assert r.arguments > 0 and r.temporaries > 0 and r.flops > 0 and r.estimated_s > 0
+    assert 0 < r.mfu < 1
+  # The update donates the state: its new state aliases the old one.
+  assert by_name["grpo_step"].aliased > 0
+  # The chunked LM head is a loop: its trips count in the FLOPs (XLA counts its body once).
+  assert any(trips and trips > 1 for trips, _ in by_name["grpo_step"].loops)
+  assert by_name["grpo_step"].flops > by_name["grpo_step"].compiler_flops
+  table = compile_check.format_table(results, run)
+  for word in ("program", "peak", "%HBM", "compile", "TFLOP", "est ms", "MFU"):
+    assert word in table
+  assert "upper bound from the compiler's model" in table
+  # memory_plan's exact rows (parameters, optimiser state, the train batch) are the GRPO step's
+  # arguments, byte for byte; TPU layouts then pad small minor dimensions on top.
+  g, sizes = run.config.grpo, dict(run.placement.trainer_mesh.shape)
+  state = memory_plan.state_bytes(run.model_cfg, jnp.bfloat16, sizes, run.rules)
+  batch = memory_plan.train_batch_bytes(
+    run.model_cfg,
+    g.prompts_per_step * g.group_size,
+    compile_check.grpo_length(run.config),
+    g.max_turns + 1,
+    run.config.image.width,
+    sizes,
+    run.rules,
+  )
+  plan = state.param_device + state.opt_device + memory_plan.STEP_RNG_BYTES + batch
+  assert plan == by_name["grpo_step"].arguments_logical
+  assert by_name["grpo_step"].arguments > plan  # 64-wide shards are padded to 128 lanes
+
+
+def test_tiny_sampler_programs_compile_with_the_table_fields(tmp_path):
+  # A sampler that splits the weights over tensor (no all-gather in the decode loop).
+  run = make_run(tmp_path, **{"roles.sampler_tensor": 4})
+  results = compile_check.check(
+    run, only=["cache_init", "encode", "prefill", "fork", "decode", "append", "transfer"]
+  )
+  by_name = _check_fields(results)
+  decode = by_name["decode"]
+  assert decode.bound_s > 0 and decode.estimated_s > 0 and decode.decode_gathers == []
+  assert decode.loops and decode.loops[0][0] is None  # the decode loop has no static trip count
+  assert by_name["cache_init"].outputs > 0 and by_name["transfer"].outputs > 0
+  assert "HBM bound" in compile_check.format_table(results, run)
+
+
+def test_colocated_fsdp_sampler_gathers_weights_every_token(tmp_path):
+  # The demo layout on 4 chips: the sampler decodes with the trainer's FSDP-sharded weights.
+  run = make_run(tmp_path)
+  results = compile_check.check(run, only=["cache_init", "prefill", "fork", "decode"])
+  decode = results[-1]
+  assert not decode.ok and decode.decode_gathers
+  assert decode.decode_step_collectives["all-gather"][0] >= len(decode.decode_gathers)
+  assert decode.failure.startswith("FAIL decode on v5p:2x2x1")
+  assert "all-gathers" in decode.failure and "--config.roles.sampler_tensor=4" in decode.failure
+  assert "\n" not in decode.failure
+
+
+def test_layout_that_cannot_fit_is_one_line(capsys, tmp_path):
+  # 256 rows per chip appending a 1024-token turn to a 64k-slot cache: the scores alone need
+  # hundreds of GiB.
+  args = [
+    "compile_check",
+    "--config=configs/chart.py:demo",
+    f"--topology={TOPOLOGY}",
+    "--config.grpo.prompts_per_step=256",
+    "--config.grpo.max_total_tokens=65536",
+    "--config.roles.sampler_tensor=4",
+    "--programs=append",
+    f"--json={tmp_path / 'out.json'}",
+  ]
+  assert compile_check.main(args) == 1
+  out = capsys.readouterr().out.strip().splitlines()
+  failure = out[-1]
+  assert failure.startswith("compile_check: FAIL append on v5p:2x2x1 (1 hosts)")
+  assert "GiB of 95.74 GiB HBM; try " in failure
+  report = json.loads((tmp_path / "out.json").read_text())
+  assert report["failures"] == [failure.removeprefix("compile_check: ")]
+  assert not report["programs"][0]["ok"]
+
+
+def test_micro_batch_that_does_not_divide_names_the_fix(tmp_path):
+  run = make_run(tmp_path, **{"sft.batch_size": 6, "sft.micro_batches": 3})
+  (result,) = compile_check.check(run, only=["sft_step"])
+  assert not result.ok
+  assert "cannot be laid out" in result.failure
+  assert "try --config.sft.micro_batches=" not in result.failure  # 6 rows never divide by 4
+  assert "divides by the 4 data-parallel devices" in result.failure
