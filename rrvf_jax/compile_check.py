@@ -289,12 +289,21 @@ def make_run(config: ml_collections.ConfigDict, topology: Topology, workdir: str
   checked.judge.name = "local"
   pipeline.validate_config(checked)
   devices = topology_devices(topology)
-  placement = roles.make_roles(
-    {k: config.mesh[k] for k in sharding.MESH_AXES},
-    sampler_devices=config.roles.sampler_devices,
-    sampler_tensor=config.roles.sampler_tensor,
-    devices=devices,
-  )
+  try:
+    placement = roles.make_roles(
+      {k: config.mesh[k] for k in sharding.MESH_AXES},
+      sampler_devices=config.roles.sampler_devices,
+      sampler_tensor=config.roles.sampler_tensor,
+      devices=devices,
+    )
+  except AssertionError:
+    if topology.slices == 1:
+      raise
+    # jax.make_mesh lays a mesh over one slice's torus; a DCN axis across slices would need
+    # mesh_utils.create_hybrid_device_mesh, which sharding.make_mesh does not use.
+    raise ValueError(
+      f"--num_slices={topology.slices}: the run's mesh (sharding.make_mesh) cannot span slices"
+    ) from None
   rules = sharding.get_rules(config.mesh.rules)
   tok = tokens.load_tokenizer(pipeline.tokenizer_dir(config, workdir))
   model_cfg = pipeline.policy_config(config, tok)
@@ -685,9 +694,12 @@ def sampler_programs(run: Run, append_tokens: int) -> list[Program]:
 
     return lower
 
+  # A turn's images go through the tower `encode_images` at a time (Sampler._features).
+  images = min(rows, sampler.encode_images)
+
   def encode(compiled):
-    index = rope.make_vision_index(np.tile(run.grid, (rows, 1)), run.model_cfg.vision)
-    pixels = replicated((rows * run.patches, run.model_cfg.vision.patch_dim), np.float32)
+    index = rope.make_vision_index(np.tile(run.grid, (images, 1)), run.model_cfg.vision)
+    pixels = replicated((images * run.patches, run.model_cfg.vision.patch_dim), np.float32)
     return sampler._jit_encode.lower(params, pixels, _abstract(index, mesh))
 
   def append(batch: int, length: int, after: str):
@@ -740,7 +752,8 @@ def sampler_programs(run: Run, append_tokens: int) -> list[Program]:
       resident, fix=fix_rows,
     ),
     Program(
-      "encode", f"{rows} canvas images ({run.patches} patches each)", run_rules(encode),
+      "encode", f"{images} canvas images per call ({run.patches} patches each; {rows} a turn)",
+      run_rules(encode),
       "sampler", devices, resident, fix=fix_rows,
     ),
     Program(

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -418,7 +418,7 @@ class Row:
   name: str
   bytes: int
   phase: str  # static | train | rollout | serve
-  how: str  # exact | estimate
+  how: str  # exact | estimate | compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,7 +467,7 @@ def sampler_weight_bytes(cfg, dtype, sizes, rules, hosts: int, sampler_tensor: i
 
 
 def trainer_plan(
-  preset: str,
+  preset: str | ModelConfig,
   sizes: dict[str, int],
   *,
   rules_name: str = "fsdp_tp",
@@ -487,12 +487,18 @@ def trainer_plan(
   device_memory_gib: float = 95.0,
   hosts: int = 1,
   sampler_tensor: int = 1,
+  compiled: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plan:
   """The policy's plan: trainer state, one GRPO update, and one rollout (KV cache) per device.
 
   With `hosts` > 1 each host samples on a mesh of its own devices (`rrvf_jax.roles`), holding its
   own copy of the weights split over `sampler_tensor` devices; that copy lives through the update
   too, so it counts as static.
+
+  `compiled`: `rrvf_jax.compile_check`'s results for the same run and layout (its JSON's
+  programs, by name). The estimates are then replaced by what the compiler allocates: the GRPO
+  step's temporaries (gradients, accumulator, activations, log-prob chunks) and the appended
+  turn's; the exact rows must equal the step's arguments, or the results are for another layout.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -507,7 +513,8 @@ def trainer_plan(
   if image_size % 28:
     raise ValueError(f"--image_size must be a multiple of 28, got {image_size}")
   rules = sharding_lib.get_rules(rules_name)
-  cfg = get_preset(preset)
+  cfg = get_preset(preset) if isinstance(preset, str) else preset
+  name = preset if isinstance(preset, str) else cfg.model_type
   jdtype = DTYPES[dtype]
   a = np.dtype(jdtype).itemsize
   length = seq_len or max_total_tokens
@@ -602,16 +609,70 @@ def trainer_plan(
     f"activations without remat (upper bound if XLA replays the whole forward): "
     f"{(upper.total + upper_v.total) / GIB:.2f} GiB",
   ]
+  if compiled is not None:
+    table, note = _with_compiled(table, compiled)
+    notes.append(note)
   notes += [f"warning: {w} (the trainer refuses this layout)" for w in state.warnings[:8]]
   mesh_desc = ",".join(f"{k}={v}" for k, v in sizes.items())
   return Plan(
-    title=f"trainer+sampler {preset} on {math.prod(sizes.values())} devices ({mesh_desc}), "
+    title=f"trainer+sampler {name} on {math.prod(sizes.values())} devices ({mesh_desc}), "
     f"rules={rules_name}",
     rows=tuple(table),
     device_memory=int(device_memory_gib * GIB),
     notes=tuple(notes),
-    info={"param_count": state.param_count, "mesh": sizes, "preset": preset, "role": "trainer"},
+    info={"param_count": state.param_count, "mesh": sizes, "preset": name, "role": "trainer"},
   )
+
+
+# Rows the compiler's temporaries replace: what a step or an appended turn allocates besides its
+# arguments (the gradients and the accumulator are buffers of the step too).
+_TRAIN_TEMPORARIES = ("gradients", "gradient accumulator", "decoder activations")
+_TRAIN_TEMPORARIES += ("vision activations", "log-prob chunk buffer")
+
+
+def _with_compiled(
+  table: list[Row], compiled: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[Row], str]:
+  """`table` with the estimates replaced by compile_check's temporaries; and a note on the swap."""
+  missing = {"grpo_step", "append"} - set(compiled)
+  if missing:
+    raise ValueError(f"--compiled: no {sorted(missing)} in the compile_check results")
+  step, append = compiled["grpo_step"], compiled["append"]
+  exact = sum(r.bytes for r in table if r.how == "exact" and r.name.split(" (")[0] in _ARGUMENTS)
+  if exact != step["arguments_logical"]:
+    raise ValueError(
+      f"--compiled: the plan's parameters, optimiser state and train batch are {exact} bytes per "
+      f"device, the compiled GRPO step's arguments {step['arguments_logical']}: compile_check ran "
+      "another layout or config"
+    )
+  kept = [r for r in table if not r.name.startswith(_TRAIN_TEMPORARIES)]
+  kept = [r for r in kept if not r.name.startswith("sampler append scores")]
+  kept += [
+    Row(
+      "GRPO step temporaries (gradients, accumulator, activations)",
+      step["temporaries"],
+      "train",
+      "compiled",
+    ),
+    Row(
+      "TPU layout padding of the step's arguments",
+      step["arguments"] - step["arguments_logical"],
+      "train",
+      "compiled",
+    ),
+    Row("appended turn's temporaries (attention scores, ...)", append["temporaries"], "rollout",
+        "compiled"),
+  ]  # fmt: skip
+  estimate = sum(r.bytes for r in table if r.how == "estimate")
+  note = (
+    f"compiled (compile_check): the estimates ({estimate / GIB:.2f} GiB) replaced by the "
+    "compiler's temporaries; exact rows equal the compiled step's arguments"
+  )
+  return kept, note
+
+
+# The exact rows that are the GRPO step's arguments (the rest are the sampler's).
+_ARGUMENTS = ("parameters", "optimizer state", "train batch")
 
 
 def judge_plan(
@@ -682,6 +743,16 @@ def format_plan(plan: Plan) -> str:
   return "\n".join(lines)
 
 
+def _read_compiled(path: str) -> dict[str, dict[str, Any]]:
+  """compile_check's JSON results, by program name (a one-line ValueError when unreadable)."""
+  try:
+    with open(path) as f:
+      report = json.load(f)
+    return {p["name"]: p for p in report["programs"] if p["ok"]}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"--compiled {path}: not compile_check's JSON ({e})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point: parses flags, prints the table (or JSON); exit code 2 on a bad argument."""
   p = argparse.ArgumentParser(
@@ -708,6 +779,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--concurrent", type=int, default=64, help="judge: sequences served at once")
   p.add_argument("--judge_seq_len", type=int, default=8192)
   p.add_argument("--utilization", type=float, default=0.9, help="judge: memory fraction used")
+  p.add_argument(
+    "--compiled",
+    default="",
+    help="JSON of python -m rrvf_jax.compile_check for this layout: its temporaries replace the "
+    "estimates",
+  )
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
   try:
@@ -743,6 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hosts=args.hosts,
         sampler_tensor=args.sampler_tensor,
         device_memory_gib=args.device_memory_gib,
+        compiled=_read_compiled(args.compiled) if args.compiled else None,
       )
   except ValueError as e:
     print(f"memory_plan: error: {e}", file=sys.stderr)

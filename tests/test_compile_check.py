@@ -132,9 +132,12 @@ def _check_fields(results):
 
 
 def test_tiny_train_programs_compile_with_the_table_fields(tmp_path):
+  # The sampler's appended turn is compiled here too: memory_plan takes its temporaries.
   run = make_run(tmp_path)
-  results = compile_check.check(run, only=["sft_step", "grpo_step", "logprobs"])
+  results = compile_check.check(run, only=["sft_step", "grpo_step", "append"])
   by_name = _check_fields(results)
+  append = by_name.pop("append")
+  results = list(by_name.values())
   for r in results:
     assert r.arguments > 0 and r.temporaries > 0 and r.flops > 0 and r.estimated_s > 0
     assert 0 < r.mfu < 1
@@ -163,15 +166,39 @@ def test_tiny_train_programs_compile_with_the_table_fields(tmp_path):
   plan = state.param_device + state.opt_device + memory_plan.STEP_RNG_BYTES + batch
   assert plan == by_name["grpo_step"].arguments_logical
   assert by_name["grpo_step"].arguments > plan  # 64-wide shards are padded to 128 lanes
+  # With the compiled results, the plan's estimates give way to the compiler's temporaries.
+  step = by_name["grpo_step"]
+  kwargs = dict(
+    prompts_per_step=g.prompts_per_step,
+    group_size=g.group_size,
+    max_turns=g.max_turns,
+    max_total_tokens=g.max_total_tokens,
+    micro_batches=g.micro_batches,
+    remat=g.remat,
+    image_size=run.config.image.width,
+  )
+  compiled = {"grpo_step": step.as_dict(), "append": append.as_dict()}
+  planned = memory_plan.trainer_plan(run.model_cfg, sizes, compiled=compiled, **kwargs)
+  rows = {r.name: r for r in planned.rows}
+  assert not [r for r in planned.rows if r.how == "estimate"]
+  assert rows["GRPO step temporaries (gradients, accumulator, activations)"].bytes == (
+    step.temporaries
+  )
+  # Parameters, optimiser state, batch and layout padding: the step's arguments, plus its temps.
+  assert planned.phase("static") + planned.phase("train") == step.arguments + step.temporaries
+  compiled["grpo_step"] = step.as_dict() | {"arguments_logical": plan + 1}
+  with pytest.raises(ValueError, match="another layout"):
+    memory_plan.trainer_plan(run.model_cfg, sizes, compiled=compiled, **kwargs)
 
 
 def test_tiny_sampler_programs_compile_with_the_table_fields(tmp_path):
   # A sampler that splits the weights over tensor (no all-gather in the decode loop).
   run = make_run(tmp_path, **{"roles.sampler_tensor": 4})
-  results = compile_check.check(
-    run, only=["cache_init", "encode", "prefill", "fork", "decode", "append", "transfer"]
-  )
+  sampler = ["cache_init", "encode", "prefill", "fork", "decode", "append", "transfer"]
+  results = compile_check.check(run, only=["logprobs", *sampler])
   by_name = _check_fields(results)
+  logprobs = by_name["logprobs"]
+  assert logprobs.flops > 0 and 0 < logprobs.mfu < 1 and logprobs.aliased == 0
   decode = by_name["decode"]
   assert decode.bound_s > 0 and decode.estimated_s > 0 and decode.decode_gathers == []
   assert decode.loops and decode.loops[0][0] is None  # the decode loop has no static trip count
@@ -221,3 +248,19 @@ def test_micro_batch_that_does_not_divide_names_the_fix(tmp_path):
   assert "cannot be laid out" in result.failure
   assert "try --config.sft.micro_batches=" not in result.failure  # 6 rows never divide by 4
   assert "divides by the 4 data-parallel devices" in result.failure
+
+
+def test_append_attends_a_block_of_queries_at_a_time(tmp_path, monkeypatch):
+  # Regression: an appended turn's float32 scores over the whole cache were alive for all its
+  # queries at once: the paper preset's append needed 153.5 GiB per chip on a v5p-8 (73.3 GiB in
+  # blocks of 256 queries). Here: 64 rows x 1024 new tokens x 8192 slots on 4 chips.
+  from rrvf_jax.models.qwen_vl import kv_cache
+
+  run = make_run(
+    tmp_path, **{"grpo.max_total_tokens": 8192, "grpo.prompts_per_step": 16, "mesh.fsdp": 4}
+  )
+  (blocked,) = compile_check.check(run, only=["append"])
+  monkeypatch.setattr(kv_cache, "QUERY_BLOCK", 1 << 20)
+  (whole,) = compile_check.check(run, only=["append"])
+  assert blocked.ok and whole.ok
+  assert blocked.temporaries < whole.temporaries / 3  # 1.2 GB against 4.4 GB here
