@@ -264,3 +264,34 @@ def test_append_attends_a_block_of_queries_at_a_time(tmp_path, monkeypatch):
   (whole,) = compile_check.check(run, only=["append"])
   assert blocked.ok and whole.ok
   assert blocked.temporaries < whole.temporaries / 3  # 1.2 GB against 4.4 GB here
+
+
+def test_gke_manifest_batches_lay_out_on_its_slice(tmp_path):
+  # Regression: the v5p-64 manifest's SFT micro-batches (64 / 4 = 16 rows) did not divide over its
+  # 32 FSDP chips, so the run would stop at the first SFT step (compile_check: "cannot be laid
+  # out"). The batches only are placed here; the full compile of this layout is in the README.
+  import yaml
+  from absl import flags
+  from ml_collections import config_flags
+
+  from launch import gke
+
+  (jobset,) = [
+    o for o in yaml.safe_load_all(gke.documented()["tpu_v5p64.yaml"]) if o["kind"] == "JobSet"
+  ]
+  command = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+  command = command["containers"][0]["command"]
+  argv = ["prog", *[a for a in command if a.startswith("--config")]]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "test", flag_values=values, sys_argv=argv)
+  values(argv)
+  config = values.config
+  config.model.checkpoint_dir = ""  # the preset's architecture: no weights are read
+  run = compile_check.make_run(config, compile_check.parse_topology("v5p-64"), str(tmp_path))
+  c = config.sft
+  compile_check.placed_batch(run, compile_check.sft_batch(run), c.micro_batches)
+  g = config.grpo
+  compile_check.placed_batch(run, compile_check.grpo_batch(run, g.micro_batches), g.micro_batches)
+  config.sft.micro_batches = 4
+  with pytest.raises(ValueError, match="dimension 16 is not divisible"):
+    compile_check.placed_batch(run, compile_check.sft_batch(run), 4)
