@@ -1056,9 +1056,13 @@ def format_table(results: Sequence[Result], run: Run) -> str:
       extra = f"{100 * r.mfu:5.1f}%"
     if r.bound_s is not None:
       extra = f"{1e3 * r.estimated_s:.2f} ms/token vs {1e3 * r.bound_s:.2f} ms HBM bound"
-    if not r.ok and not r.arguments:
-      lines.append(f"{r.name:<11}{'':>35}{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%"
-                   f"{r.compile_s:8.1f}s  does not fit")  # fmt: skip
+    if not r.ok and not r.arguments:  # no executable: what stopped it
+      if r.program_peak:
+        lines.append(f"{r.name:<11}{'':>35}{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%"
+                     f"{r.compile_s:8.1f}s  does not fit")  # fmt: skip
+      else:
+        why = "cannot be laid out" if "laid out" in r.failure else "does not trace"
+        lines.append(f"{r.name:<11}  {why}")
       continue
     lines.append(
       f"{r.name:<11}{g(r.arguments)}{g(r.temporaries)}{g(r.outputs)}{g(r.aliased)}{g(r.resident)}"
