@@ -1042,7 +1042,7 @@ def format_table(results: Sequence[Result], run: Run) -> str:
   chip = run.topology.chip
   head = (
     f"{'program':<11}{'args':>7}{'temps':>7}{'out':>7}{'alias':>7}{'other':>7}{'peak':>8}"
-    f"{'%HBM':>6}{'compile':>9}{'TFLOP':>9}{'est ms':>9}  MFU / decode"
+    f"{'%HBM':>6}{'compile':>9}{'TFLOP':>10}{'est s':>10}  MFU / decode"
   )
   lines = [
     f"compile_check {run.layout()}; {chip.kind}: {chip.hbm_gib} GiB HBM, "
@@ -1066,8 +1066,8 @@ def format_table(results: Sequence[Result], run: Run) -> str:
       continue
     lines.append(
       f"{r.name:<11}{g(r.arguments)}{g(r.temporaries)}{g(r.outputs)}{g(r.aliased)}{g(r.resident)}"
-      f"{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%{r.compile_s:8.1f}s{r.flops / 1e12:9.2f}"
-      f"{1e3 * r.estimated_s:9.2f}  {extra}"
+      f"{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%{r.compile_s:8.1f}s{r.flops / 1e12:10.2f}"
+      f"{r.estimated_s:10.3f}  {extra}"
     )
   lines.append("shapes:")
   lines += [f"  {r.name}: {r.what}" for r in results]

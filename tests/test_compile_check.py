@@ -147,7 +147,7 @@ def test_tiny_train_programs_compile_with_the_table_fields(tmp_path):
   assert any(trips and trips > 1 for trips, _ in by_name["grpo_step"].loops)
   assert by_name["grpo_step"].flops > by_name["grpo_step"].compiler_flops
   table = compile_check.format_table(results, run)
-  for word in ("program", "peak", "%HBM", "compile", "TFLOP", "est ms", "MFU"):
+  for word in ("program", "peak", "%HBM", "compile", "TFLOP", "est s", "MFU"):
     assert word in table
   assert "upper bound from the compiler's model" in table
   # memory_plan's exact rows (parameters, optimiser state, the train batch) are the GRPO step's
