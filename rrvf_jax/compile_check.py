@@ -475,7 +475,15 @@ def _train_fix(
     )
   if c.remat != "full":
     return f"--config.{section}.remat=full"
-  return "shorter sequences or more chips (a larger --config.mesh.fsdp)"
+  # One row per chip already: only splitting each row's work shrinks it (XLA's dense attention
+  # keeps several float32 [heads, length, length] buffers per layer in the backward).
+  if batch_devices % 2 == 0:
+    return (
+      f"attention heads and MLP over 2 chips: --config.mesh.fsdp={batch_devices // 2} "
+      f"--config.mesh.tensor=2 --config.{section}.micro_batches={2 * c.micro_batches}, or "
+      "shorter sequences"
+    )
+  return "shorter sequences"
 
 
 def _batch_devices(mesh: Mesh, rules: sharding.Rules) -> int:
@@ -856,8 +864,8 @@ class Result:
   resident: int = 0  # other programs' buffers alive meanwhile
   hbm: int = 0
   compile_s: float = 0.0
-  flops: float = 0.0  # the compiler's FLOPs of one call, loops counted by their trip counts
-  estimated_s: float = 0.0  # the compiler's estimate of one call (one step for decode), scaled
+  flops: float | None = 0.0  # the compiler's FLOPs of one call, loops counted by their trips
+  estimated_s: float | None = 0.0  # its estimate of one call (one step for decode), scaled
   compiler_flops: float = 0.0  # as XLA's cost analysis reports them (loop bodies once)
   compiler_s: float = 0.0
   loops: list = dataclasses.field(default_factory=list)  # [trips or None, matmul FLOPs per trip]
@@ -995,10 +1003,15 @@ def _read_summaries(result: Result, summaries, program: Program, run: Run) -> No
   full = sum(count * s.flops for s, count in summaries)
   # Decode: the loop's trip count is not static, so its body (one token) counts once.
   scale = full / once if once and not decode else 1.0
-  result.flops = result.compiler_flops * scale
-  result.estimated_s = result.compiler_s * scale
   result.model_flops = program.model_flops / program.devices
-  if program.model_flops and result.estimated_s > 0:
+  if result.compiler_flops < 0 or result.compiler_s < 0:
+    # libtpu's cost model counts -1 for operations it cannot cost (seen on v6e): the sums mean
+    # nothing then, and no estimate (nor MFU) is given.
+    result.flops = result.estimated_s = None
+  else:
+    result.flops = result.compiler_flops * scale
+    result.estimated_s = result.compiler_s * scale
+  if program.model_flops and result.estimated_s:
     result.mfu = result.model_flops / result.estimated_s / (chip.peak_tflops * 1e12)
   for summary, count in summaries:
     result.loops += [[loop.trips, loop.flops_per_trip] for loop in summary.loops]
@@ -1055,7 +1068,8 @@ def format_table(results: Sequence[Result], run: Run) -> str:
     if r.mfu is not None:
       extra = f"{100 * r.mfu:5.1f}%"
     if r.bound_s is not None:
-      extra = f"{1e3 * r.estimated_s:.2f} ms/token vs {1e3 * r.bound_s:.2f} ms HBM bound"
+      step = "n/a" if r.estimated_s is None else f"{1e3 * r.estimated_s:.2f} ms/token"
+      extra = f"{step} vs {1e3 * r.bound_s:.2f} ms HBM bound"
     if not r.ok and not r.arguments:  # no executable: what stopped it
       if r.program_peak:
         lines.append(f"{r.name:<11}{'':>35}{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%"
@@ -1066,16 +1080,22 @@ def format_table(results: Sequence[Result], run: Run) -> str:
       continue
     lines.append(
       f"{r.name:<11}{g(r.arguments)}{g(r.temporaries)}{g(r.outputs)}{g(r.aliased)}{g(r.resident)}"
-      f"{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%{r.compile_s:8.1f}s{r.flops / 1e12:10.2f}"
-      f"{r.estimated_s:10.3f}  {extra}"
+      f"{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%{r.compile_s:8.1f}s"
+      + (
+        f"{'n/a':>10}{'n/a':>10}"
+        if r.estimated_s is None
+        else f"{r.flops / 1e12:10.2f}{r.estimated_s:10.3f}"
+      )
+      + f"  {extra}"
     )
   lines.append("shapes:")
   lines += [f"  {r.name}: {r.what}" for r in results]
   lines.append(
     "GiB per device; other = buffers other programs keep alive meanwhile (trainer state beside "
     "the rollout, sampler weights beside the update); est = the compiler's cost model, loops "
-    "scaled by their trip counts; MFU = model FLOPs / est / peak: an upper bound from the "
-    "compiler's model, not a measurement; decode: one step."
+    "scaled by their trip counts (n/a: the cost model had no figure for some operations); MFU = "
+    "model FLOPs / est / peak: an upper bound from the compiler's model, not a measurement; "
+    "decode: one step."
   )
   failures = [r.failure for r in results if not r.ok]
   lines += [f"compile_check: {f}" for f in failures]
