@@ -356,8 +356,14 @@ def documented() -> dict[str, str]:
     "--config.model.checkpoint_dir=/workdir/Qwen2.5-VL-7B-Instruct",
     "--config.data.manual_dir=/workdir/rrvf_coldstart",
   )
-  # Meshes and micro-batches of the README's memory plan (python -m rrvf_jax.memory_plan).
-  v5p = (*data, "--config.mesh.fsdp=32", "--config.roles.sampler_tensor=4")
+  # Meshes and micro-batches checked by python -m rrvf_jax.compile_check (README): on v5p-64 an
+  # SFT micro-batch holds 32 rows, one per chip (4 micro-batches of 16 rows do not divide).
+  v5p = (
+    *data,
+    "--config.mesh.fsdp=32",
+    "--config.roles.sampler_tensor=4",
+    "--config.sft.micro_batches=2",
+  )
   h100 = (
     *data,
     "--config.mesh.fsdp=16",

@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.skip_tpu_probe_without_tpu()  # before JAX starts: no libtpu probe on a CPU-only machine
   import jax  # after flag parsing, so --help stays fast.
 
   logging.get_absl_handler().addFilter(cli.QuietLibraries())

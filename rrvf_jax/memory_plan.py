@@ -10,6 +10,10 @@ the train batch, the sampler's KV cache and state. Estimates (formulas in `train
 the attention scores of a sampler append. A dimension that does not divide by its mesh axes is
 counted replicated (as `sharding.divisible_spec` places activations); for parameters the trainer
 itself refuses such a layout, so those leaves are listed as warnings.
+
+With `--compiled OUT.json` (from `python -m rrvf_jax.compile_check ... --json=OUT.json` for the
+same layout, libtpu needed) the estimates are replaced by the compiler's temporaries of the GRPO
+step and the appended turn, after checking that the exact rows equal the step's arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,7 +34,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from rrvf_jax import sharding as sharding_lib
 from rrvf_jax.models import build_model, get_preset
-from rrvf_jax.models.qwen_vl import kv_cache
+from rrvf_jax.models.qwen_vl import kv_cache, rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.train import optim
 from rrvf_jax.train import state as state_lib
@@ -38,6 +42,7 @@ from rrvf_jax.train import state as state_lib
 GIB = 2**30
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 REMAT = ("none", "dots", "full")
+STEP_RNG_BYTES = 4 + 8  # TrainState.step (int32) and .rng (uint32[2]), replicated
 ROLES = ("trainer", "judge")
 
 # Paper-scale GRPO defaults, as in configs/common.py base_config() (a test keeps them equal).
@@ -45,7 +50,7 @@ DEFAULTS = {
   "prompts_per_step": 32,
   "group_size": 8,
   "max_turns": 5,
-  "max_total_tokens": 8192,
+  "max_total_tokens": 30720,
   "mini_batches": 1,
   "micro_batches": 8,
   "remat": "dots",
@@ -251,12 +256,15 @@ def sampler_scores(
   """ESTIMATE of one layer's attention scores while appending a turn to the cache, per device.
 
   `kv_cache.cached_attention` materialises float32 scores and probabilities in the compute dtype
-  over the whole cache length S: rows_dev x (N / t) x T_append x S x (4 + a), rows_dev the rows
-  per device (over data x fsdp), t the tensor size when it divides the N query heads.
+  over the whole cache length S for a block of Q = min(T_append, kv_cache.QUERY_BLOCK) queries at
+  a time: rows_dev x (N / t) x Q x S x (4 + a), rows_dev the rows per device (over data x fsdp),
+  t the tensor size when it divides the N query heads. (7B on v5p-64, 32 rows x 8192 slots per
+  host: 2.63 GiB; the compiled append's temporaries are 2.98 GiB.)
   """
   rows_dev = _div(rows, _batch_divisor(sizes, rules))
   heads = _div(cfg.text.num_heads, _tensor_divisor(sizes, rules, "act_heads"))
-  return rows_dev * heads * append_tokens * length * (4 + act_bytes)
+  queries = min(append_tokens, kv_cache.QUERY_BLOCK)
+  return rows_dev * heads * queries * length * (4 + act_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,19 +277,38 @@ def patches_per_image(cfg: ModelConfig, image_size: int) -> int:
   return (image_size // cfg.vision.patch_size) ** 2
 
 
+def vision_index_bytes(cfg: ModelConfig, image_size: int) -> int:
+  """Bytes of the vision index of one square canvas image (replicated on every device)."""
+  side = image_size // cfg.vision.patch_size
+  index = rope.make_vision_index(np.asarray([[1, side, side]]), cfg.vision)
+  return sum(np.asarray(x).nbytes for x in jax.tree.leaves(index))
+
+
 def train_batch_bytes(
-  cfg: ModelConfig, rows: int, length: int, images_per_row: int, image_size: int, sizes, rules
+  cfg: ModelConfig,
+  rows: int,
+  length: int,
+  images_per_row: int,
+  image_size: int,
+  sizes,
+  rules,
+  micro_batches: int = 1,
 ) -> int:
   """Per-device bytes of one mini-batch as the GRPO step receives it (all its micro-batches).
 
   Per row: ids, attention mask, 3 M-RoPE positions, targets (int32) and loss mask, old log-probs
-  (float32) = 32 bytes per token, plus `images_per_row` float32 image slots of patches x patch_dim.
-  Rows shard over data x fsdp (the image slots only when they divide, as train/batch.py does).
+  (float32) = 32 bytes per token, its advantage (float32), plus `images_per_row` float32 image
+  slots of patches x patch_dim; per micro-batch, the vision index of one image (replicated: every
+  image shares the canvas). Rows shard over data x fsdp (the image slots only when they divide,
+  as train/batch.py does).
   """
   mesh = abstract_mesh(sizes)
   tokens = _logical_bytes((rows, length), np.float32, ("batch",), rules, mesh) * 8
-  slots = (rows * images_per_row, patches_per_image(cfg, image_size), cfg.vision.patch_dim)
-  return tokens + _logical_bytes(slots, np.float32, ("batch",), rules, mesh)
+  per_micro = rows // micro_batches
+  advantages = micro_batches * _logical_bytes((per_micro,), np.float32, ("batch",), rules, mesh)
+  slots = (per_micro * images_per_row, patches_per_image(cfg, image_size), cfg.vision.patch_dim)
+  pixels = micro_batches * _logical_bytes(slots, np.float32, ("batch",), rules, mesh)
+  return tokens + advantages + pixels + micro_batches * vision_index_bytes(cfg, image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,8 +356,11 @@ def train_activations(
   backward: one layer's dots + other + attn, recomputed (dots, full; none keeps it already).
 
   This is remat per layer, as train/step.py applies it (one `jax.checkpoint` per decoder and
-  vision layer). Whether the compiler keeps to it is checked on the target with
-  `jax.jit(step).lower(...).compile().memory_analysis()` (XLA:CPU shows no remat saving at all).
+  vision layer). Against the compiler (`rrvf_jax.compile_check`, 7B GRPO micro-batch on v5p-64,
+  one 8192-token row per chip, with gradients, vision and log-prob rows): none 379 GiB estimated
+  vs 342 compiled, dots 46 vs 65, full 16 vs 56. The backward of one layer through XLA's dense
+  attention keeps several float32 [heads, L, L] buffers, more than `working` counts; pass
+  `--compiled` (compile_check's JSON) to use the compiler's numbers instead.
   """
   if remat not in REMAT:
     raise ValueError(f"--remat must be one of {list(REMAT)}, got {remat!r}")
@@ -398,7 +428,7 @@ class Row:
   name: str
   bytes: int
   phase: str  # static | train | rollout | serve
-  how: str  # exact | estimate
+  how: str  # exact | estimate | compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,8 +476,16 @@ def sampler_weight_bytes(cfg, dtype, sizes, rules, hosts: int, sampler_tensor: i
   return state_bytes(cfg, dtype, local, rules).param_device
 
 
+def _train_bucket(tokens: int) -> int:
+  """The GRPO update's padded length for trajectories of up to `tokens` tokens."""
+  from rrvf_jax.rollout import sampler  # imported late: this tool needs no sampler otherwise
+  from rrvf_jax.train import grpo
+
+  return sampler.bucket_length(tokens, grpo.TRAIN_BUCKETS)
+
+
 def trainer_plan(
-  preset: str,
+  preset: str | ModelConfig,
   sizes: dict[str, int],
   *,
   rules_name: str = "fsdp_tp",
@@ -467,12 +505,18 @@ def trainer_plan(
   device_memory_gib: float = 95.0,
   hosts: int = 1,
   sampler_tensor: int = 1,
+  compiled: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plan:
   """The policy's plan: trainer state, one GRPO update, and one rollout (KV cache) per device.
 
   With `hosts` > 1 each host samples on a mesh of its own devices (`rrvf_jax.roles`), holding its
   own copy of the weights split over `sampler_tensor` devices; that copy lives through the update
   too, so it counts as static.
+
+  `compiled`: `rrvf_jax.compile_check`'s results for the same run and layout (its JSON's
+  programs, by name). The estimates are then replaced by what the compiler allocates: the GRPO
+  step's temporaries (gradients, accumulator, activations, log-prob chunks) and the appended
+  turn's; the exact rows must equal the step's arguments, or the results are for another layout.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -487,10 +531,12 @@ def trainer_plan(
   if image_size % 28:
     raise ValueError(f"--image_size must be a multiple of 28, got {image_size}")
   rules = sharding_lib.get_rules(rules_name)
-  cfg = get_preset(preset)
+  cfg = get_preset(preset) if isinstance(preset, str) else preset
+  name = preset if isinstance(preset, str) else cfg.model_type
   jdtype = DTYPES[dtype]
   a = np.dtype(jdtype).itemsize
-  length = seq_len or max_total_tokens
+  # The trainer pads a mini-batch to the bucket of its longest trajectory (`grpo.TRAIN_BUCKETS`).
+  length = seq_len or _train_bucket(max_total_tokens)
   mini_rows = rows // mini_batches
   micro_rows = mini_rows // micro_batches
   images_per_row = max_turns + 1
@@ -504,7 +550,12 @@ def trainer_plan(
   opt_desc = "/".join(state.opt_dtypes) or "none"
   table = [
     Row(f"parameters ({dtype})", state.param_device, "static", "exact"),
-    Row(f"optimizer state (AdamW mu+nu, {opt_desc})", state.opt_device, "static", "exact"),
+    Row(
+      f"optimizer state (AdamW mu+nu, {opt_desc}; step, RNG key)",
+      state.opt_device + STEP_RNG_BYTES,
+      "static",
+      "exact",
+    ),
   ]
   if kl_coef > 0:
     table.append(Row("reference parameters (kl_coef > 0)", state.param_device, "static", "exact"))
@@ -527,7 +578,9 @@ def trainer_plan(
   table += [
     Row(
       f"train batch ({mini_rows} rows x {length} tokens, {images_per_row} images/row)",
-      train_batch_bytes(cfg, mini_rows, length, images_per_row, image_size, sizes, rules),
+      train_batch_bytes(
+        cfg, mini_rows, length, images_per_row, image_size, sizes, rules, micro_batches
+      ),
       "train",
       "exact",
     ),
@@ -562,7 +615,8 @@ def trainer_plan(
       "exact",
     ),
     Row(
-      f"sampler append scores (one layer, {append_tokens} new tokens)",
+      f"sampler append scores (one layer, {min(append_tokens, kv_cache.QUERY_BLOCK)} of "
+      f"{append_tokens} new tokens at a time)",
       sampler_scores(cfg, rows, append_tokens, max_total_tokens, a, sizes, rules),
       "rollout",
       "estimate",
@@ -575,16 +629,70 @@ def trainer_plan(
     f"activations without remat (upper bound if XLA replays the whole forward): "
     f"{(upper.total + upper_v.total) / GIB:.2f} GiB",
   ]
+  if compiled is not None:
+    table, note = _with_compiled(table, compiled)
+    notes.append(note)
   notes += [f"warning: {w} (the trainer refuses this layout)" for w in state.warnings[:8]]
   mesh_desc = ",".join(f"{k}={v}" for k, v in sizes.items())
   return Plan(
-    title=f"trainer+sampler {preset} on {math.prod(sizes.values())} devices ({mesh_desc}), "
+    title=f"trainer+sampler {name} on {math.prod(sizes.values())} devices ({mesh_desc}), "
     f"rules={rules_name}",
     rows=tuple(table),
     device_memory=int(device_memory_gib * GIB),
     notes=tuple(notes),
-    info={"param_count": state.param_count, "mesh": sizes, "preset": preset, "role": "trainer"},
+    info={"param_count": state.param_count, "mesh": sizes, "preset": name, "role": "trainer"},
   )
+
+
+# Rows the compiler's temporaries replace: what a step or an appended turn allocates besides its
+# arguments (the gradients and the accumulator are buffers of the step too).
+_TRAIN_TEMPORARIES = ("gradients", "gradient accumulator", "decoder activations")
+_TRAIN_TEMPORARIES += ("vision activations", "log-prob chunk buffer")
+
+
+def _with_compiled(
+  table: list[Row], compiled: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[Row], str]:
+  """`table` with the estimates replaced by compile_check's temporaries; and a note on the swap."""
+  missing = {"grpo_step", "append"} - set(compiled)
+  if missing:
+    raise ValueError(f"--compiled: no {sorted(missing)} in the compile_check results")
+  step, append = compiled["grpo_step"], compiled["append"]
+  exact = sum(r.bytes for r in table if r.how == "exact" and r.name.split(" (")[0] in _ARGUMENTS)
+  if exact != step["arguments_logical"]:
+    raise ValueError(
+      f"--compiled: the plan's parameters, optimiser state and train batch are {exact} bytes per "
+      f"device, the compiled GRPO step's arguments {step['arguments_logical']}: compile_check ran "
+      "another layout or config"
+    )
+  kept = [r for r in table if not r.name.startswith(_TRAIN_TEMPORARIES)]
+  kept = [r for r in kept if not r.name.startswith("sampler append scores")]
+  kept += [
+    Row(
+      "GRPO step temporaries (gradients, accumulator, activations)",
+      step["temporaries"],
+      "train",
+      "compiled",
+    ),
+    Row(
+      "TPU layout padding of the step's arguments",
+      step["arguments"] - step["arguments_logical"],
+      "train",
+      "compiled",
+    ),
+    Row("appended turn's temporaries (attention scores, ...)", append["temporaries"], "rollout",
+        "compiled"),
+  ]  # fmt: skip
+  estimate = sum(r.bytes for r in table if r.how == "estimate")
+  note = (
+    f"compiled (compile_check): the estimates ({estimate / GIB:.2f} GiB) replaced by the "
+    "compiler's temporaries; exact rows equal the compiled step's arguments"
+  )
+  return kept, note
+
+
+# The exact rows that are the GRPO step's arguments (the rest are the sampler's).
+_ARGUMENTS = ("parameters", "optimizer state", "train batch")
 
 
 def judge_plan(
@@ -655,6 +763,16 @@ def format_plan(plan: Plan) -> str:
   return "\n".join(lines)
 
 
+def _read_compiled(path: str) -> dict[str, dict[str, Any]]:
+  """compile_check's JSON results, by program name (a one-line ValueError when unreadable)."""
+  try:
+    with open(path) as f:
+      report = json.load(f)
+    return {p["name"]: p for p in report["programs"] if p["ok"]}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"--compiled {path}: not compile_check's JSON ({e})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry point: parses flags, prints the table (or JSON); exit code 2 on a bad argument."""
   p = argparse.ArgumentParser(
@@ -673,7 +791,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--remat", default=DEFAULTS["remat"], choices=REMAT)
   p.add_argument("--chunk_size", type=int, default=DEFAULTS["chunk_size"])
   p.add_argument("--image_size", type=int, default=DEFAULTS["image_size"])
-  p.add_argument("--seq_len", type=int, default=0, help="train length (0: max_total_tokens)")
+  p.add_argument(
+    "--seq_len", type=int, default=0, help="train length (0: the bucket of max_total_tokens)"
+  )
   p.add_argument("--append_tokens", type=int, default=1024)
   p.add_argument("--kl_coef", type=float, default=0.0)
   p.add_argument("--hosts", type=int, default=1, help="hosts (each samples on its own devices)")
@@ -681,6 +801,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--concurrent", type=int, default=64, help="judge: sequences served at once")
   p.add_argument("--judge_seq_len", type=int, default=8192)
   p.add_argument("--utilization", type=float, default=0.9, help="judge: memory fraction used")
+  p.add_argument(
+    "--compiled",
+    default="",
+    help="JSON of python -m rrvf_jax.compile_check for this layout: its temporaries replace the "
+    "estimates",
+  )
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
   try:
@@ -716,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hosts=args.hosts,
         sampler_tensor=args.sampler_tensor,
         device_memory_gib=args.device_memory_gib,
+        compiled=_read_compiled(args.compiled) if args.compiled else None,
       )
   except ValueError as e:
     print(f"memory_plan: error: {e}", file=sys.stderr)

@@ -19,7 +19,6 @@ roles do not share devices, a device-to-device copy inside each host.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -125,10 +124,26 @@ def _host_layout(trainer_mesh: Mesh, sampler_mesh: Mesh) -> tuple[Mesh, Mesh]:
   return hosts, local
 
 
-@functools.lru_cache(maxsize=8)
-def _spread(hosts: Mesh, specs: tuple[PartitionSpec, ...]):
-  """The jitted reshard into `specs` on `hosts`, made once: a new jit each step would recompile."""
-  return jax.jit(lambda xs: xs, out_shardings=[NamedSharding(hosts, s) for s in specs])
+def host_reshard(params: Any, roles: Roles, shardings: Any):
+  """(the reshard of `transfer` on several hosts, this host's mesh, the reshard's out shardings).
+
+  The reshard takes the list of `params` leaves and gives each host's trainer devices the
+  sampler's layout (replicated over hosts): every device receives only its own shard. It goes
+  through `jax.device_put`, not one jit: on TPU the trainer mesh lists devices in the torus
+  order `jax.make_mesh` picks, which interleaves hosts, while the per-host layout lists them host
+  by host, and a jit refuses arguments and outputs whose device orders differ. `device_put`
+  reorders each leaf's shards onto the target's device order first (no copy) and compiles one
+  reshard per leaf shape, cached across steps.
+  """
+  hosts, local = _host_layout(roles.trainer_mesh, roles.sampler_mesh)
+  leaves = jax.tree.leaves(params)
+  targets = jax.tree.leaves(shardings)
+  specs = [
+    sharding.trim_spec(sharding.divisible_spec(x.shape, t.spec, local))
+    for x, t in zip(leaves, targets, strict=True)
+  ]
+  outputs = [NamedSharding(hosts, s) for s in specs]
+  return (lambda xs: jax.device_put(xs, outputs)), local, outputs
 
 
 def transfer(params: Any, roles: Roles, shardings: Any) -> Any:
@@ -137,17 +152,12 @@ def transfer(params: Any, roles: Roles, shardings: Any) -> Any:
     return params
   if jax.process_count() == 1:
     return jax.device_put(params, shardings)
-  hosts, local = _host_layout(roles.trainer_mesh, roles.sampler_mesh)
+  spread_fn, local, outputs = host_reshard(params, roles, shardings)
   leaves, treedef = jax.tree.flatten(params)
   targets = jax.tree.leaves(shardings)
-  # Each host's trainer devices in the sampler's layout (replicated over hosts): every device
-  # receives only its own shard of each parameter.
-  specs = [
-    sharding.trim_spec(sharding.divisible_spec(x.shape, t.spec, local))
-    for x, t in zip(leaves, targets, strict=True)
-  ]
-  spread = _spread(hosts, tuple(specs))(leaves)
+  spread = spread_fn(leaves)
   out = []
+  specs = [o.spec for o in outputs]
   for x, spec, target in zip(spread, specs, targets, strict=True):
     here = jax.make_array_from_single_device_arrays(
       x.shape, NamedSharding(local, spec), [s.data for s in x.addressable_shards]

@@ -310,3 +310,18 @@ def test_same_seed_same_numbers(tmp_path, data_dir):
     assert first and first == second, stage
   assert summaries[0]["grpo"]["before"] == summaries[1]["grpo"]["before"]
   assert summaries[0]["grpo"]["after"] == summaries[1]["grpo"]["after"]
+
+
+def test_cpu_only_machine_with_libtpu_skips_the_tpu_probe():
+  from rrvf_jax import cli
+
+  env = {}
+  assert cli.prefer_cpu(env, libtpu=True, accelerator=False) and env == {"JAX_PLATFORMS": "cpu"}
+  for env, libtpu, accelerator in [
+    ({"JAX_PLATFORMS": "tpu"}, True, False),  # the user's choice stays
+    ({}, False, False),  # no libtpu: JAX has nothing to probe
+    ({}, True, True),  # a TPU VM or a GPU machine: JAX picks the accelerator
+  ]:
+    before = dict(env)
+    assert not cli.prefer_cpu(env, libtpu=libtpu, accelerator=accelerator)
+    assert env == before

@@ -114,6 +114,7 @@ class Sampler:
     cache_dtype=None,
     mesh: Mesh | None = None,
     rules: sharding.Rules | None = None,
+    encode_images: int = 32,
   ):
     self.config = model.config
     self.tokenizer = tokenizer
@@ -122,6 +123,7 @@ class Sampler:
     self.cache_length = cache_length
     self.buckets = tuple(sorted(buckets))
     self.cache_dtype = cache_dtype or model.dtype
+    self.encode_images = encode_images  # images per call of the vision tower (bounds its memory)
     self.mesh = mesh
     self.rules = rules if rules is not None else sharding.FSDP_TP
     self.stats = SamplerStats()
@@ -167,6 +169,14 @@ class Sampler:
 
   def new_session(self, batch_size: int) -> Session:
     """An empty session of `batch_size` rows."""
+    return Session(self.session_program(batch_size)(), 0)
+
+  def session_program(self, batch_size: int):
+    """The jitted function (no arguments) that makes an empty state of `batch_size` rows.
+
+    Its outputs are placed as the sampler's later calls expect them: rows over the rules' batch
+    axes, KV heads over tensor (each replicated where it does not divide).
+    """
     make = functools.partial(
       engine.empty_state,
       engine.merge(self.graphdef, self.params),
@@ -175,7 +185,7 @@ class Sampler:
       self.cache_dtype,
     )
     if self.mesh is None:
-      return Session(jax.jit(make)(), 0)
+      return jax.jit(make)
     shapes = jax.eval_shape(make)
     shardings = jax.tree.map(lambda x: self._sharding(("batch",), x.shape), shapes)
     k_shape, v_shape = shapes.cache.k[0].shape, shapes.cache.v[0].shape
@@ -184,7 +194,7 @@ class Sampler:
       shardings.cache, k=(k,) * len(shapes.cache.k), v=(v,) * len(shapes.cache.v)
     )
     shardings = dataclasses.replace(shardings, cache=cache)
-    return Session(jax.jit(make, out_shardings=shardings)(), 0)
+    return jax.jit(make, out_shardings=shardings)
 
   def _sharding(self, axes, shape) -> NamedSharding:
     """Sharding of an array of `shape` by logical `axes`; non-dividing axes stay replicated."""
@@ -258,14 +268,31 @@ class Sampler:
 
   def _features(self, segments: Sequence[Segment]):
     """Image features of the segments' images (the model's pytree, token axis first on every
-    leaf), padded to a power-of-two row count."""
+    leaf), padded to a power-of-two row count.
+
+    At most `encode_images` images are encoded per call: the tower's full-attention scores of
+    every image in a call are alive at once (256 canvas images at 672 px: 87 GiB per device).
+    A last, smaller group is padded with copies of its last image, so every group of a canvas
+    size compiles once.
+    """
     with_images = [s for s in segments if s.pixel_values is not None]
     if not with_images:
       return None
     pixels = np.concatenate([np.asarray(s.pixel_values) for s in with_images])
     grid = np.concatenate([np.asarray(s.image_grid_thw).reshape(-1, 3) for s in with_images])
-    index = rope.make_vision_index(grid, self.config.vision)
-    features = self._run(self._jit_encode, self.params, pixels, index)
+    starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
+    merge = self.config.vision.merge_unit
+    parts = []
+    for first in range(0, len(grid), self.encode_images):
+      chosen = list(range(first, min(first + self.encode_images, len(grid))))
+      real = sum(int(np.prod(grid[i])) // merge for i in chosen)
+      if len(grid) > self.encode_images:
+        chosen += [chosen[-1]] * (self.encode_images - len(chosen))
+      group = np.concatenate([pixels[starts[i] : starts[i + 1]] for i in chosen])
+      index = rope.make_vision_index(grid[chosen], self.config.vision)
+      encoded = self._run(self._jit_encode, self.params, group, index)
+      parts.append(jax.tree.map(lambda f, real=real: f[:real], encoded))
+    features = parts[0] if len(parts) == 1 else jax.tree.map(lambda *f: jnp.concatenate(f), *parts)
     self.stats.encoded_images += len(grid)
     rows = jax.tree.leaves(features)[0].shape[0]
     padded = 1 << max(rows - 1, 0).bit_length()

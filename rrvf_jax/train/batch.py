@@ -75,9 +75,7 @@ def slot_inputs(cfg, ids, mask, images: Sequence[Sequence[Image]], images_per_ro
 
 def row_slot_hidden_states(model, inputs: ModelInputs) -> jax.Array:
   """Final-norm hidden states `[B, L, E]` of a batch with row image slots (any model family)."""
-  features = jax.lax.map(
-    lambda px: model.encode_images(px, inputs.vision_index), inputs.pixel_values
-  )
+  features = model.encode_canvas_images(inputs.pixel_values, inputs.vision_index)
   # Each row's image slots are its own: feature indices never span rows.
   embeds = model.embed_with_row_features(inputs.input_ids, features)
   return model.text(embeds, inputs.positions, causal_mask(inputs.attention_mask))

@@ -65,8 +65,9 @@ class GRPOBatch:
     inputs: ids, attention mask and M-RoPE positions `[B, L]`; `pixel_values` holds every image
       slot `[N, P, D]` (N = rows x images per row: row b's j-th image is slot `b * N / B + j`,
       unused slots are zeros) and `vision_index` the index of ONE image: all images share the
-      canvas size, so they are encoded one by one. Slots belong to rows, so a batch splits (and
-      shards, and is assembled host by host) along rows like every other field.
+      canvas size, so they are encoded as one batch of images (`encode_canvas_images`). Slots
+      belong to rows, so a batch splits (and shards, and is assembled host by host) along rows
+      like every other field, and each device encodes its own rows' images.
     targets: `[B, L]` the next token at each position.
     loss_mask: `[B, L]` float32, 1 where the target is a token the policy sampled.
     old_logprobs: `[B, L]` float32, the sampler's log-probs of those targets.

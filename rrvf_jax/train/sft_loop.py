@@ -88,6 +88,21 @@ def make_optimizer(c: ml_collections.ConfigDict):
   )
 
 
+def make_step(stage: Stage, graphdef, tx, schedule):
+  """The jitted SFT train step of the `sft` section (micro-batches, remat) on the stage's mesh."""
+  c = stage.config.sft
+  return step.make_train_step(
+    graphdef,
+    functools.partial(sft.sft_loss, chunk_size=c.chunk_size),
+    tx,
+    micro_batches=c.micro_batches,
+    remat=False if c.remat == "none" else c.remat,
+    mesh=stage.mesh,
+    rules=stage.rules,
+    schedule=schedule,
+  )
+
+
 def open_stage(stage: Stage, name: str, source, batch_size: int, *, seed: int, resumable_keys):
   """(WORKDIR/name, this host's batch iterator, the stage's checkpointer) of a training stage."""
   iterator = data_lib.BatchIterator(
@@ -138,16 +153,7 @@ def run(stage: Stage, source: data_lib.ExampleSource) -> nnx.Module:
   )
   try:
     graphdef, state, start = _initial_state(stage, tx, ckpt, iterator)
-    train_step = step.make_train_step(
-      graphdef,
-      functools.partial(sft.sft_loss, chunk_size=c.chunk_size),
-      tx,
-      micro_batches=c.micro_batches,
-      remat=False if c.remat == "none" else c.remat,
-      mesh=stage.mesh,
-      rules=stage.rules,
-      schedule=schedule,
-    )
+    train_step = make_step(stage, graphdef, tx, schedule)
     state = _train(stage, stage_dir, ckpt, iterator, train_step, state, start)
   finally:
     ckpt.close()  # waits for an asynchronous save in flight

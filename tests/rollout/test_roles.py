@@ -77,3 +77,29 @@ def test_one_host_weights_are_already_readable(policy_dir):
   mesh = sharding.make_mesh(1, 4, 2)
   _, params = state_lib.split_params(qwen_vl.from_hf(policy_dir, mesh=mesh, rules=RULES))
   assert roles.fully_replicated_local(params) is params
+
+
+def test_host_reshard_takes_a_trainer_mesh_in_torus_order(policy_dir, caplog):
+  # On TPU, jax.make_mesh lists a slice's chips in torus order, which interleaves hosts (v5p-64:
+  # processes 0, 2, 4, 6, 0, ...; see rrvf_jax.compile_check), while the per-host layout lists
+  # them host by host. The reshard used to be one jit from the one to the other, which JAX
+  # refuses ("incompatible devices"): multi-host GRPO failed as it built its sampler.
+  devices = jax.devices()
+  order = [devices[i] for i in (0, 2, 1, 3, 4, 6, 5, 7)]
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  trainer = jax.sharding.Mesh(
+    np.asarray(order).reshape(1, 8, 1), sharding.MESH_AXES, axis_types=auto
+  )
+  placement = roles.Roles(trainer, roles.local_mesh(devices, tensor=2))
+  _, params = state_lib.split_params(qwen_vl.from_hf(policy_dir, mesh=trainer, rules=RULES))
+  targets = roles.sampler_shardings(params, placement.sampler_mesh, RULES)
+  spread, _, outputs = roles.host_reshard(params, placement, targets)
+  leaves = jax.tree.leaves(params)
+  moved = spread(leaves)
+  for a, b, want in zip(leaves, moved, outputs, strict=True):
+    assert b.sharding == want
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+  # Every later step reuses the compiled reshards.
+  with caplog.at_level("WARNING"), jax.log_compiles():
+    spread(leaves)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]

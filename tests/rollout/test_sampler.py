@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from rrvf_jax.models.qwen_vl import kv_cache
 from rrvf_jax.rollout import Sampler, SamplingParams, Segment
 from rrvf_jax.testing.prompts import (
   feedback_turn,
@@ -173,3 +174,33 @@ def test_cache_overflow_is_a_clear_error(model, tok, prompts):
   session = sampler.prefill(prompts[:1])
   with pytest.raises(ValueError, match=r"needs 168 cache slots .* cache_length=128"):
     sampler.generate(session, SamplingParams(max_new_tokens=40), jax.random.key(0))
+
+
+def test_images_encoded_in_groups_equal_one_call(model, tok, prompts):
+  # Regression (memory): the vision tower took every image of a call at once; the 256 rendered
+  # images of a paper-scale turn needed 98 GiB per v5p chip in one encode (compile_check).
+  segments = [*prompts, image_prompt(tok, "more", random_image(7, 84))]  # 4 images, 3 sizes
+  one = Sampler(model, tok, cache_length=512)._features(segments)
+  grouped = Sampler(model, tok, cache_length=512, encode_images=3)
+  np.testing.assert_allclose(np.asarray(grouped._features(segments)), np.asarray(one), atol=1e-5)
+  assert grouped.stats.encoded_images == 4
+  # Images of one canvas (an episode's): every group, the padded last one too, is one program.
+  canvas = Sampler(model, tok, cache_length=512, encode_images=2)
+  same = [image_prompt(tok, "x", random_image(i, 56)) for i in range(5)]
+  expected = Sampler(model, tok, cache_length=512)._features(same)
+  np.testing.assert_allclose(np.asarray(canvas._features(same)), np.asarray(expected), atol=1e-5)
+  assert canvas.stats.traces["encode"] == 1
+
+
+def test_appended_queries_attend_in_blocks_as_at_once():
+  # An appended turn's queries go QUERY_BLOCK at a time (its float32 scores over the whole cache
+  # bound the append's memory); each query's softmax is its own, so nothing changes.
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, 8, 4, 16)).astype(np.float32)
+  k = rng.normal(size=(2, 2, 16, 32)).astype(np.float32)
+  v = rng.normal(size=(2, 2, 32, 16)).astype(np.float32)
+  mask = rng.random((2, 8, 32)) < 0.7
+  mask[1, 3] = False  # a padding query: finite either way
+  whole = kv_cache.cached_attention(q, k, v, mask, scale=0.25, block=8)
+  blocks = kv_cache.cached_attention(q, k, v, mask, scale=0.25, block=2)
+  np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), atol=1e-6, rtol=0)

@@ -1,20 +1,26 @@
 """GRPO on real multi-turn trajectories: ratio 1 via the training path, zero gradient off-policy."""
 
 import concurrent.futures
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rrvf_jax import env
+from rrvf_jax import env, hlo, sharding
 from rrvf_jax.models import qwen_vl
+from rrvf_jax.models.qwen_vl import rope
 from rrvf_jax.processing import tokens
 from rrvf_jax.rl import algorithms
 from rrvf_jax.rollout import SamplingParams, episode
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing.scripted import NO_ACTION, TextScriptedSampler, answer, call
-from rrvf_jax.train import grpo
+from rrvf_jax.train import grpo, step
+from rrvf_jax.train import state as state_lib
 
 SIDE = 56  # targets and renders share one canvas, as in a run
 
@@ -94,7 +100,7 @@ def make_batch(policy, trajectories, advantages):
 
 
 def test_trainer_logprobs_equal_sampler_logprobs(policy, played):
-  """Ratio 1 at the first epoch: images encoded one by one, banned ids, temperature all agree."""
+  """Ratio 1 at the first epoch: images encoded as a batch, banned ids, temperature all agree."""
   model, tok = policy
   batch = make_batch(policy, played, [0.5, -0.5, 1.0, -1.0])
   logp = grpo.policy_logprobs(
@@ -157,3 +163,63 @@ def test_batch_rejects_mixed_canvases_and_overflows(policy, played):
     grpo.make_grpo_batch(model.config, played, np.zeros(4), length=64, images_per_row=4, pad_id=0)
   with pytest.raises(ValueError, match="shows 2 images, more than 1"):
     grpo.make_grpo_batch(model.config, played, np.zeros(4), length=1024, images_per_row=1, pad_id=0)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_update_with_remat_equals_update_without(policy, played, remat):
+  # Regression: with remat (the paper preset's grpo.remat=dots) the update failed to trace:
+  # nnx.remat ran inside the lax.map that encoded images one by one and could not write the
+  # layer's state back to a module from the outer trace ("Cannot mutate Param from a different
+  # trace level"). `python -m rrvf_jax.compile_check` found it.
+  model, tok = policy
+  batch = make_batch(policy, played, [0.5, -0.5, 1.0, -1.0])
+  tx = optax.sgd(1.0)  # the new parameters differ by the gradients (Adam would rescale noise)
+  loss = functools.partial(
+    grpo.grpo_loss,
+    policy_loss=algorithms.make_policy_loss("grpo"),
+    temperature=1.0,
+    chunk_size=128,
+    banned_token_ids=grpo.banned_token_ids(tok),
+  )
+  results = []
+  for policy_name in ("none", remat):
+    graphdef, params = state_lib.split_params(model)
+    # A copy: the step donates its state, and the module fixture is shared.
+    fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
+    graphdef, state = state_lib.train_state_from_model(fresh, tx)
+    train_step = step.make_train_step(
+      graphdef, loss, tx, remat=False if policy_name == "none" else policy_name
+    )
+    results.append(train_step(state, batch))
+  (plain, plain_metrics), (remat_state, remat_metrics) = results
+  assert float(remat_metrics["loss"]) == pytest.approx(float(plain_metrics["loss"]), rel=1e-6)
+  assert float(remat_metrics["grad_norm"]) == pytest.approx(
+    float(plain_metrics["grad_norm"]), rel=1e-5
+  )
+  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(remat_state.params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_each_device_encodes_only_its_own_rows_images(policy):
+  # Regression: the GRPO loss encoded images in a lax.map over all of them, so every device ran
+  # every image: at 7B on 32 chips the update needed 422 GiB per chip (compile_check). As one
+  # batch sharded over the mesh's batch axes, a device's matmul FLOPs are its own images'.
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 (fake) devices")
+  model, _ = policy
+  graphdef, params = nnx.split(model)
+  index = rope.make_vision_index(np.asarray([[1, 8, 8]]), model.config.vision)
+  pixels = np.zeros((16, 64, model.config.vision.patch_dim), np.float32)
+  flops = {}
+  for devices in (1, 8):
+    mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
+
+    def encode(params, pixels, mesh=mesh):
+      with sharding.activation_rules(mesh, sharding.FSDP_TP):
+        return nnx.merge(graphdef, params).encode_canvas_images(pixels, index)
+
+    placed = jax.device_put(pixels, NamedSharding(mesh, PartitionSpec("fsdp")))
+    replicated = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    compiled = jax.jit(encode).lower(replicated, placed).compile()
+    flops[devices] = hlo.summarize(compiled.as_text()).flops
+  assert flops[1] > 0 and flops[8] <= flops[1] / 7

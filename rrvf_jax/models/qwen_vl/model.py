@@ -195,6 +195,24 @@ class QwenVL(nnx.Module):
     """
     return self.visual(pixel_values.astype(self.dtype), vision_index)
 
+  def encode_canvas_images(
+    self, pixel_values_npd: jax.Array, vision_index: rope.VisionIndex
+  ) -> jax.Array:
+    """Merged features `[N, M, E]` of N images of one canvas size: patches `[N, P, D]`, one index.
+
+    The images form a batch axis (a vmap), sharded like rows over the mesh's batch axes, so each
+    device encodes its own images. A loop over the images would run each of them on every device,
+    and one flat batch with a batch-wide index makes XLA replicate the tower's activations (its
+    gathers use global positions): at 7B on 32 chips either needs several times the HBM.
+    """
+    pixels = sharding.constrain(pixel_values_npd, ("batch", None, None))
+    features = jax.vmap(lambda px: self.encode_images(px, vision_index))(pixels)
+    # Features may be a pytree (Qwen3-VL's DeepStack levels): image axis first, embedding last.
+    return jax.tree.map(
+      lambda f: sharding.constrain(f, ("batch",) + (None,) * (f.ndim - 2) + ("act_embed",)),
+      features,
+    )
+
   def embed_with_features(self, input_ids: jax.Array, features: jax.Array | None) -> jax.Array:
     """Decoder input `[B, L, E]` with precomputed image features on the image tokens.
 

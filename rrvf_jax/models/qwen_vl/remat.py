@@ -7,6 +7,7 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 from flax import nnx
 
 _POLICY: contextvars.ContextVar[Callable[..., bool] | None] = contextvars.ContextVar(
@@ -34,4 +35,10 @@ def call_layer(layer: nnx.Module, *args: Any) -> Any:
   policy = _POLICY.get()
   if policy is None:
     return layer(*args)
-  return nnx.remat(lambda module, *xs: module(*xs), policy=policy)(layer, *args)
+  # A pure jax.checkpoint of (layer state, inputs): the layer only reads its parameters, so
+  # nothing needs writing back, and it works under any outer transform. nnx.remat writes the
+  # state back to the module, which fails when the module comes from an outer trace level (the
+  # GRPO loss encodes images one by one in a lax.map over the model it closes over).
+  graphdef, state = nnx.split(layer)
+  run = lambda state, *xs: nnx.merge(graphdef, state)(*xs)
+  return jax.checkpoint(run, policy=policy)(state, *args)
