@@ -143,7 +143,16 @@ def host_reshard(params: Any, roles: Roles, shardings: Any):
     for x, t in zip(leaves, targets, strict=True)
   ]
   outputs = [NamedSharding(hosts, s) for s in specs]
-  return (lambda xs: jax.device_put(xs, outputs)), local, outputs
+
+  def spread(xs: list[jax.Array]) -> list[jax.Array]:
+    if jax.devices()[0].platform != "cpu":
+      return jax.device_put(xs, outputs)
+    # XLA:CPU runs the reshards' all-gathers on a shared thread pool: dispatched together (one
+    # batched call, or back to back), their rendezvous wait on each other until the process
+    # aborts. One at a time there; the fake-device tests and CPU runs are small.
+    return [jax.block_until_ready(jax.device_put(x, o)) for x, o in zip(xs, outputs, strict=True)]
+
+  return spread, local, outputs
 
 
 def transfer(params: Any, roles: Roles, shardings: Any) -> Any:

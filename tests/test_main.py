@@ -147,6 +147,7 @@ def test_web_demo_runs_end_to_end(tmp_path, data_dir):
   """SFT, a GRPO step with Chromium renders, the answer check and the WebSight-metric eval."""
   config = small_config(web, data_dir, [*SMALL[:-2], *GRPO_SMALL[1:]])
   config.sft.steps = 4
+  config.sft.max_length = 512  # pages are longer than the charts' programs
   config.grpo.steps = 1
   config.grpo.eval_examples = 0
   config.answer_check.num_examples = 2

@@ -31,13 +31,17 @@ COMMON = (
   "--config.data.num_test=8",
   "--config.answer_check.num_examples=0",
   "--config.eval.enabled=False",
+  # Answer-only SFT at a short length: after the cold start some one-turn answers below render and
+  # some do not, so rewards differ within groups and GRPO has a signal.
+  "--config.sft.conversations=False",
+  "--config.sft.max_length=384",
 )
 
 # The cold start: enough SFT that sampled episodes differ in reward (GRPO has a signal).
 COLD_START = (
-  "--config.sft.steps=100",
+  "--config.sft.steps=300",
   "--config.grpo.steps=0",
-  "--config.checkpoint.save_every=50",
+  "--config.checkpoint.save_every=100",
 )
 
 # Continued SFT, then GRPO, from the cold start's export.
