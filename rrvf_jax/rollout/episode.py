@@ -45,6 +45,7 @@ judge times.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import time
@@ -59,7 +60,7 @@ from rrvf_jax import env
 from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.models.qwen_vl.model import ModelInputs, prepare_inputs
 from rrvf_jax.processing import chat, image, tokens
-from rrvf_jax.rollout import answer_check
+from rrvf_jax.rollout import answer_check, paged
 from rrvf_jax.rollout import sampler as sampler_lib
 from rrvf_jax.rollout import sampling as sampling_lib
 
@@ -335,6 +336,8 @@ class EpisodeStats:
   hit_budget: int = 0
   truncated: int = 0
   judge_failures: int = 0
+  # KV cache slots held at the peak: the lock-step cache's rows x offset; the paged pool's pages.
+  kv_slots_peak: int = 0
   wall_s: float = 0.0
   prepare_s: float = 0.0
   sample_s: float = 0.0
@@ -711,22 +714,10 @@ def run_episodes(
     judge_failure=judge_failure,
   )
   try:
-    session = driver.timed(sampler.prefill, prompts)
-    session = driver.timed(sampler.fork, session, group_size)
-    turn = 0
-    while any(r.state != "done" for r in rows):
-      active = np.array([r.state != "done" for r in rows])
-      turn_key = jax.random.fold_in(key, turn)
-      session, completions = driver.timed(
-        sampler.generate, session, sampling, turn_key, active=active, first_row=first_row
-      )
-      stats.decode_calls += 1
-      for row, completion in zip(rows, completions, strict=True):
-        if row.state != "done":
-          driver.take_turn(row, completion, turn, host)
-      segments = driver.next_segments(rows, turn, session)
-      session = driver.timed(sampler.append, session, segments)
-      turn += 1
+    if isinstance(sampler, paged.PagedSampler):
+      _play_paged(driver, sampler, prompts, rows, host, sampling, key, first_row, group_size)
+    else:
+      _play_lock_step(driver, sampler, prompts, rows, host, sampling, key, first_row, group_size)
     start = time.perf_counter()
     finals = [None if r.final is None else r.final.result() for r in rows]
     stats.host_wait_s += time.perf_counter() - start
@@ -739,6 +730,99 @@ def run_episodes(
   stats.episodes = len(trajectories)
   stats.wall_s = time.perf_counter() - wall_start
   return EpisodeBatch(trajectories, stats, group_size)
+
+
+def _play_lock_step(driver, sampler, prompts, rows, host, sampling, key, first_row, group_size):
+  """Plays the rows turn by turn on the lock-step `Sampler`: every row decodes, then every row's
+  next turn is appended (all at the session's shared offset)."""
+  session = driver.timed(sampler.prefill, prompts)
+  session = driver.timed(sampler.fork, session, group_size)
+  turn = 0
+  while any(r.state != "done" for r in rows):
+    active = np.array([r.state != "done" for r in rows])
+    turn_key = jax.random.fold_in(key, turn)
+    session, completions = driver.timed(
+      sampler.generate, session, sampling, turn_key, active=active, first_row=first_row
+    )
+    driver.stats.decode_calls += 1
+    for row, completion in zip(rows, completions, strict=True):
+      if row.state != "done":
+        driver.take_turn(row, completion, turn, host)
+    segments = driver.next_segments(rows, turn, session)
+    session = driver.timed(sampler.append, session, segments)
+    turn += 1
+  driver.stats.kv_slots_peak = session.offset * session.batch_size
+
+
+def _play_paged(driver, sampler, prompts, rows, host, sampling, key, first_row, group_size):
+  """Plays the rows with continuous batching on the `PagedSampler`.
+
+  A row takes a decode slot when its next turn is ready and leaves it when the turn ends; its
+  renders and judge calls then run while the other rows decode, and its tool response is appended
+  at its own position as soon as they are done. Each row has its own budget; none waits for or is
+  cut by another. Row r's turn t samples with `fold_in(fold_in(key, t), first_row + r)`.
+  """
+  total = len(rows)
+  sampler.start(total)
+  if driver.budget > sampler.cache_length:
+    raise ValueError(
+      f"max_total_tokens={driver.budget} but the PagedSampler's pool holds "
+      f"{sampler.cache_length} tokens; build it with more pages"
+    )
+  parents = list(range(0, total, group_size))
+  driver.timed(sampler.prefill, parents, prompts)
+  for p in parents:
+    if group_size > 1:
+      driver.timed(sampler.fork, p, list(range(p + 1, p + group_size)))
+  turn_of = [0] * total
+  ready = collections.deque(range(total))  # rows whose next turn can be decoded
+  running: list[paged.TurnState] = []
+  waiting: list[int] = []  # rows whose renders are not done yet
+  while ready or running or waiting:
+    done = [r for r in waiting if all(f.done() for _, f in rows[r].pending)]
+    if done:
+      waiting = [r for r in waiting if r not in done]
+      _append_ready(driver, sampler, rows, done, turn_of, ready)
+    while ready and len(running) < sampler.slots:
+      r = ready.popleft()
+      turn_key = sampler.turn_key(key, turn_of[r], first_row + r)
+      running.append(paged.TurnState(r, turn_key, sampling.max_new_tokens))
+    if running:
+      driver.timed(sampler.decode, running, sampling, yield_on_done=True)
+      driver.stats.decode_calls += 1
+      for t in [t for t in running if t.done]:
+        row = rows[t.row]
+        driver.take_turn(row, sampler.completion(t, sampling.stop_strings), turn_of[t.row], host)
+        if row.state == "done":
+          sampler.release(t.row)
+        else:
+          waiting.append(t.row)
+      running = [t for t in running if not t.done]
+    elif waiting:  # nothing to decode: wait for the first render to finish
+      start = time.perf_counter()
+      futures = [f for r in waiting for _, f in rows[r].pending]
+      concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+      driver.stats.host_wait_s += time.perf_counter() - start
+  driver.stats.kv_slots_peak = sampler.allocator.peak_used * sampler.page_size
+
+
+def _append_ready(driver, sampler, rows, ready_rows, turn_of, ready) -> None:
+  """Appends the tool responses (or forced-answer requests) of rows whose renders are done."""
+  appended, segments = [], []
+  for r in ready_rows:
+    row = rows[r]
+    segment, _ = driver.row_segment(row)
+    if len(segment.token_ids):
+      driver.record_appended(row, segment, turn_of[r])
+    turn_of[r] += 1
+    if row.state == "done":
+      sampler.release(r)
+      continue
+    appended.append(r)
+    segments.append(segment)
+  if appended:
+    driver.timed(sampler.append, appended, segments)
+    ready.extend(appended)
 
 
 @dataclasses.dataclass
@@ -848,23 +932,13 @@ class _Driver:
         future.result()
     self.stats.host_wait_s += time.perf_counter() - start
     segments = [_empty_segment() for _ in rows]
-    nudges: dict[int, sampler_lib.Segment] = {}
     continuing: list[int] = []
     for i, row in enumerate(rows):
       if row.state == "done" or row.turns[-1].index != turn:
         continue
-      last = row.turns[-1].completion.token_ids
-      # A turn that did not stop at <|im_end|> gets an (untrained) one before the next turn.
-      close = not len(last) or int(last[-1]) != self.im_end
-      nudges[i] = sampler_lib.Segment(self.nudge_ids[close])
-      if row.state == "forced":  # the turn limit was hit while parsing
-        segments[i] = nudges[i]
-        continue
-      segments[i] = self.tool_response(row, close)
-      if row.length + len(segments[i].token_ids) + self.new_tokens + self.reserve <= self.budget:
+      segments[i], continues = self.row_segment(row)
+      if continues:
         continuing.append(i)
-      else:
-        self.stop_tool_use(row, i, segments, nudges)
     # The cache is shared: when another turn (and a forced answer after it) cannot fit, every row
     # still calling the tool stops at the budget.
     if continuing and self.slots(session, segments) > self.sampler.cache_length:
@@ -875,11 +949,30 @@ class _Driver:
         len(continuing),
       )
       for i in continuing:
-        self.stop_tool_use(rows[i], i, segments, nudges)
+        segments[i] = self.stop_tool_use(rows[i])
     for row, segment in zip(rows, segments, strict=True):
       if len(segment.token_ids):
         self.record_appended(row, segment, turn)
     return segments
+
+  def row_segment(self, row: _Row) -> tuple[sampler_lib.Segment, bool]:
+    """The turn appended after the row's last turn (its renders done), and whether the row goes
+    on using the tool (False: it gets the forced-answer request, or nothing and ends)."""
+    if row.state == "forced":  # the turn limit was hit while parsing
+      return self.nudge(row), False
+    segment = self.tool_response(row, self.closes_turn(row))
+    if row.length + len(segment.token_ids) + self.new_tokens + self.reserve <= self.budget:
+      return segment, True
+    return self.stop_tool_use(row), False
+
+  def closes_turn(self, row: _Row) -> bool:
+    """Whether the row's last turn did not stop at `<|im_end|>` (the next turn closes it)."""
+    last = row.turns[-1].completion.token_ids
+    return not len(last) or int(last[-1]) != self.im_end
+
+  def nudge(self, row: _Row) -> sampler_lib.Segment:
+    """The forced-answer request after the row's last turn."""
+    return sampler_lib.Segment(self.nudge_ids[self.closes_turn(row)])
 
   def slots(self, session, segments: Sequence[sampler_lib.Segment]) -> int:
     """Cache slots used once `segments` are appended, a turn decoded and a forced answer too."""
@@ -887,13 +980,13 @@ class _Driver:
     appended = sampler_lib.bucket_length(longest, self.sampler.buckets) if longest else 0
     return session.offset + appended + self.new_tokens + self.reserve_slots
 
-  def stop_tool_use(self, row: _Row, i: int, segments, nudges) -> None:
+  def stop_tool_use(self, row: _Row) -> sampler_lib.Segment:
     """The row's tool response does not fit: it gets the forced-answer request, or ends."""
     row.turns[-1].calls = [
       dataclasses.replace(c, response_status=None, has_image=False) for c in row.turns[-1].calls
     ]
     self.hit_limit(row, "budget")
-    segments[i] = nudges[i] if self.forcing else _empty_segment()
+    return self.nudge(row) if self.forcing else _empty_segment()
 
   def tool_response(self, row: _Row, close: bool) -> sampler_lib.Segment:
     """The tool-response turn for the row's last turn (renders done); records each call."""

@@ -101,8 +101,116 @@ def _pad_rows(rows: Sequence[np.ndarray], length: int, fill: int) -> np.ndarray:
   return out
 
 
-class Sampler:
-  """Jitted multimodal sampling for a Qwen-VL policy, with a KV cache shared across turns."""
+class SamplerBase:
+  """What both engines share: parameters, image encoding, M-RoPE positions, stop strings."""
+
+  def __init__(
+    self,
+    model: QwenVL,
+    tokenizer: tokens.Tokenizer,
+    *,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    cache_dtype=None,
+    mesh: Mesh | None = None,
+    rules: sharding.Rules | None = None,
+    encode_images: int = 32,
+  ):
+    self.config = model.config
+    self.tokenizer = tokenizer
+    self.special = tokens.special_token_ids(tokenizer)
+    self.pad_id = self.special.pad_token_id
+    self.buckets = tuple(sorted(buckets))
+    self.cache_dtype = cache_dtype or model.dtype
+    self.encode_images = encode_images  # images per call of the vision tower (bounds its memory)
+    self.mesh = mesh
+    self.rules = rules if rules is not None else sharding.FSDP_TP
+    self.stats = SamplerStats()
+    self.graphdef, self.params = nnx.split(model)
+    self._jit_encode = jax.jit(self._encode)
+
+  def set_params(self, params: nnx.State) -> None:
+    """Samples with new weights from now on (same structure, e.g. after a train step)."""
+    if jax.tree.structure(params) != jax.tree.structure(self.params):
+      raise ValueError("set_params: the new parameters do not have the sampler's structure")
+    self.params = params
+
+  def _encode(self, params, pixel_values, vision_index):
+    self.stats.traces["encode"] += 1
+    return engine.merge(self.graphdef, params).encode_images(pixel_values, vision_index)
+
+  def _run(self, fn, *args, **kwargs):
+    """Calls a jitted function with the activation sharding rules active (used when tracing)."""
+    if self.mesh is None:
+      return fn(*args, **kwargs)
+    with sharding.activation_rules(self.mesh, self.rules):
+      return fn(*args, **kwargs)
+
+  def _sharding(self, axes, shape) -> NamedSharding:
+    """Sharding of an array of `shape` by logical `axes`; non-dividing axes stay replicated."""
+    axes = tuple(axes) + (None,) * (len(shape) - len(axes))
+    spec = sharding.logical_to_spec(axes, self.rules, self.mesh)
+    return NamedSharding(self.mesh, sharding.divisible_spec(shape, spec, self.mesh))
+
+  def rope_positions(self, ids, mask, segments: Sequence[Segment], start) -> np.ndarray:
+    """Absolute M-RoPE positions `[3, B, T]` of new tokens: row b continues from `start[b]`."""
+    grids = [s.image_grid_thw for s in segments if s.image_grid_thw is not None]
+    grid = np.concatenate([np.asarray(g).reshape(-1, 3) for g in grids]) if grids else None
+    relative, _ = rope.get_rope_index(
+      ids,
+      grid,
+      mask,
+      image_token_id=self.config.image_token_id,
+      spatial_merge_size=self.config.vision.spatial_merge_size,
+    )
+    return (relative + np.asarray(start)[None, :, None]).astype(np.int32)
+
+  def _features(self, segments: Sequence[Segment]):
+    """Image features of the segments' images (the model's pytree, token axis first on every
+    leaf), padded to a power-of-two row count.
+
+    At most `encode_images` images are encoded per call: the tower's full-attention scores of
+    every image in a call are alive at once (256 canvas images at 672 px: 87 GiB per device).
+    A last, smaller group is padded with copies of its last image, so every group of a canvas
+    size compiles once.
+    """
+    with_images = [s for s in segments if s.pixel_values is not None]
+    if not with_images:
+      return None
+    pixels = np.concatenate([np.asarray(s.pixel_values) for s in with_images])
+    grid = np.concatenate([np.asarray(s.image_grid_thw).reshape(-1, 3) for s in with_images])
+    starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
+    merge = self.config.vision.merge_unit
+    parts = []
+    for first in range(0, len(grid), self.encode_images):
+      chosen = list(range(first, min(first + self.encode_images, len(grid))))
+      real = sum(int(np.prod(grid[i])) // merge for i in chosen)
+      if len(grid) > self.encode_images:
+        chosen += [chosen[-1]] * (self.encode_images - len(chosen))
+      group = np.concatenate([pixels[starts[i] : starts[i + 1]] for i in chosen])
+      index = rope.make_vision_index(grid[chosen], self.config.vision)
+      encoded = self._run(self._jit_encode, self.params, group, index)
+      parts.append(jax.tree.map(lambda f, real=real: f[:real], encoded))
+    features = parts[0] if len(parts) == 1 else jax.tree.map(lambda *f: jnp.concatenate(f), *parts)
+    self.stats.encoded_images += len(grid)
+    rows = jax.tree.leaves(features)[0].shape[0]
+    padded = 1 << max(rows - 1, 0).bit_length()
+    pad = lambda f: jnp.pad(f, ((0, padded - rows),) + ((0, 0),) * (f.ndim - 1))
+    return jax.tree.map(pad, features)
+
+  def stop_table(self, stop_strings: Sequence[str]) -> jax.Array | None:
+    """Canonical token sequences of the stop strings, for the in-loop check."""
+    return sampling.stop_sequence_table(
+      [tokens.encode_text(self.tokenizer, s) for s in stop_strings]
+    )
+
+
+class Sampler(SamplerBase):
+  """Jitted multimodal sampling for a Qwen-VL policy, with a KV cache shared across turns.
+
+  The lock-step engine: all rows share one cache offset, so an appended turn is padded to the
+  longest row's bucket and a decode call runs until its slowest row stops (`paged.PagedSampler`
+  gives every row its own pages).
+  """
 
   def __init__(
     self,
@@ -116,29 +224,20 @@ class Sampler:
     rules: sharding.Rules | None = None,
     encode_images: int = 32,
   ):
-    self.config = model.config
-    self.tokenizer = tokenizer
-    self.special = tokens.special_token_ids(tokenizer)
-    self.pad_id = self.special.pad_token_id
+    super().__init__(
+      model,
+      tokenizer,
+      buckets=buckets,
+      cache_dtype=cache_dtype,
+      mesh=mesh,
+      rules=rules,
+      encode_images=encode_images,
+    )
     self.cache_length = cache_length
-    self.buckets = tuple(sorted(buckets))
-    self.cache_dtype = cache_dtype or model.dtype
-    self.encode_images = encode_images  # images per call of the vision tower (bounds its memory)
-    self.mesh = mesh
-    self.rules = rules if rules is not None else sharding.FSDP_TP
-    self.stats = SamplerStats()
-    self.graphdef, self.params = nnx.split(model)
     self._jit_append = jax.jit(self._append, donate_argnums=1)
     self._jit_decode = jax.jit(self._decode, static_argnames=("sampling_params",), donate_argnums=1)
-    self._jit_encode = jax.jit(self._encode)
     self._jit_fork = jax.jit(engine.fork, static_argnums=1)
     self._jit_trim = jax.jit(engine.trim, donate_argnums=0)
-
-  def set_params(self, params: nnx.State) -> None:
-    """Samples with new weights from now on (same structure, e.g. after a train step)."""
-    if jax.tree.structure(params) != jax.tree.structure(self.params):
-      raise ValueError("set_params: the new parameters do not have the sampler's structure")
-    self.params = params
 
   # --- jitted bodies (the counters run at trace time only) ---
 
@@ -153,17 +252,6 @@ class Sampler:
     return engine.decode(
       model, state, offset, key, active, stop_table, sampling_params, self.pad_id, first_row
     )
-
-  def _encode(self, params, pixel_values, vision_index):
-    self.stats.traces["encode"] += 1
-    return engine.merge(self.graphdef, params).encode_images(pixel_values, vision_index)
-
-  def _run(self, fn, *args, **kwargs):
-    """Calls a jitted function with the activation sharding rules active (used when tracing)."""
-    if self.mesh is None:
-      return fn(*args, **kwargs)
-    with sharding.activation_rules(self.mesh, self.rules):
-      return fn(*args, **kwargs)
 
   # --- sessions ---
 
@@ -195,12 +283,6 @@ class Sampler:
     )
     shardings = dataclasses.replace(shardings, cache=cache)
     return jax.jit(make, out_shardings=shardings)
-
-  def _sharding(self, axes, shape) -> NamedSharding:
-    """Sharding of an array of `shape` by logical `axes`; non-dividing axes stay replicated."""
-    axes = tuple(axes) + (None,) * (len(shape) - len(axes))
-    spec = sharding.logical_to_spec(axes, self.rules, self.mesh)
-    return NamedSharding(self.mesh, sharding.divisible_spec(shape, spec, self.mesh))
 
   def prefill(self, prompts: Sequence[Segment]) -> Session:
     """A new session holding `prompts` (one row each), ready to `generate`."""
@@ -254,58 +336,10 @@ class Sampler:
 
   def _positions(self, ids, mask, segments: Sequence[Segment], session: Session) -> np.ndarray:
     """Absolute M-RoPE positions of the new tokens: each row continues from its next position."""
-    grids = [s.image_grid_thw for s in segments if s.image_grid_thw is not None]
-    grid = np.concatenate([np.asarray(g).reshape(-1, 3) for g in grids]) if grids else None
-    relative, _ = rope.get_rope_index(
-      ids,
-      grid,
-      mask,
-      image_token_id=self.config.image_token_id,
-      spatial_merge_size=self.config.vision.spatial_merge_size,
-    )
     start = np.asarray(jax.device_get(session.state.next_position))
-    return (relative + start[None, :, None]).astype(np.int32)
-
-  def _features(self, segments: Sequence[Segment]):
-    """Image features of the segments' images (the model's pytree, token axis first on every
-    leaf), padded to a power-of-two row count.
-
-    At most `encode_images` images are encoded per call: the tower's full-attention scores of
-    every image in a call are alive at once (256 canvas images at 672 px: 87 GiB per device).
-    A last, smaller group is padded with copies of its last image, so every group of a canvas
-    size compiles once.
-    """
-    with_images = [s for s in segments if s.pixel_values is not None]
-    if not with_images:
-      return None
-    pixels = np.concatenate([np.asarray(s.pixel_values) for s in with_images])
-    grid = np.concatenate([np.asarray(s.image_grid_thw).reshape(-1, 3) for s in with_images])
-    starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
-    merge = self.config.vision.merge_unit
-    parts = []
-    for first in range(0, len(grid), self.encode_images):
-      chosen = list(range(first, min(first + self.encode_images, len(grid))))
-      real = sum(int(np.prod(grid[i])) // merge for i in chosen)
-      if len(grid) > self.encode_images:
-        chosen += [chosen[-1]] * (self.encode_images - len(chosen))
-      group = np.concatenate([pixels[starts[i] : starts[i + 1]] for i in chosen])
-      index = rope.make_vision_index(grid[chosen], self.config.vision)
-      encoded = self._run(self._jit_encode, self.params, group, index)
-      parts.append(jax.tree.map(lambda f, real=real: f[:real], encoded))
-    features = parts[0] if len(parts) == 1 else jax.tree.map(lambda *f: jnp.concatenate(f), *parts)
-    self.stats.encoded_images += len(grid)
-    rows = jax.tree.leaves(features)[0].shape[0]
-    padded = 1 << max(rows - 1, 0).bit_length()
-    pad = lambda f: jnp.pad(f, ((0, padded - rows),) + ((0, 0),) * (f.ndim - 1))
-    return jax.tree.map(pad, features)
+    return self.rope_positions(ids, mask, segments, start)
 
   # --- decoding ---
-
-  def stop_table(self, stop_strings: Sequence[str]) -> jax.Array | None:
-    """Canonical token sequences of the stop strings, for the in-loop check."""
-    return sampling.stop_sequence_table(
-      [tokens.encode_text(self.tokenizer, s) for s in stop_strings]
-    )
 
   def generate(
     self,

@@ -97,13 +97,26 @@ def sample(
   With `row_ids` `[B]`, row b draws with `fold_in(key, row_ids[b])`: a row's sample then depends
   on its id only, not on which other rows share the batch (or the host, or the device).
   """
+  if row_ids is not None:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
+    return sample_rows(logits_bv, keys, params)
   log_probs = scaled_log_probs(logits_bv, params.temperature, params.banned_token_ids)
   if params.temperature == 0:
     tokens = jnp.argmax(log_probs, axis=-1)
-  elif row_ids is None:
-    tokens = jax.random.categorical(key, _restrict(log_probs, params.top_k, params.top_p), axis=-1)
   else:
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
+    tokens = jax.random.categorical(key, _restrict(log_probs, params.top_k, params.top_p), axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+
+
+def sample_rows(
+  logits_bv: jax.Array, keys: jax.Array, params: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
+  """`sample` with row b drawing with its own key `keys[b]`; returns `(tokens, log-probs)`."""
+  log_probs = scaled_log_probs(logits_bv, params.temperature, params.banned_token_ids)
+  if params.temperature == 0:
+    tokens = jnp.argmax(log_probs, axis=-1)
+  else:
     restricted = _restrict(log_probs, params.top_k, params.top_p)
     tokens = jax.vmap(jax.random.categorical)(keys, restricted)
   tokens = tokens.astype(jnp.int32)

@@ -150,3 +150,35 @@ def hf_logits(model, input_ids, attention_mask=None, pixel_values=None, image_gr
   model.model.rope_deltas = None  # HF caches deltas on the module between calls.
   with torch.no_grad():
     return model(**kwargs).logits.float().numpy()
+
+
+def hf_greedy_generate(policy_dir, prompts, max_new_tokens: int, pad_id: int, image_token_id: int):
+  """transformers' greedy `generate` on sampler prompt segments (left-padded batch), new ids only.
+
+  No stop token: every row generates `max_new_tokens` ids, `[B, max_new_tokens]`.
+  """
+  import torch
+  import transformers
+
+  hf = transformers.AutoModelForImageTextToText.from_pretrained(policy_dir, dtype=torch.float32)
+  hf.eval()
+  length = max(len(p.token_ids) for p in prompts)
+  ids = np.full((len(prompts), length), pad_id)
+  mask = np.zeros_like(ids)
+  for i, p in enumerate(prompts):  # transformers batches decoder prompts left-padded
+    ids[i, length - len(p.token_ids) :] = p.token_ids
+    mask[i, length - len(p.token_ids) :] = 1
+  ids_t = torch.as_tensor(ids)
+  with torch.no_grad():
+    out = hf.generate(
+      input_ids=ids_t,
+      attention_mask=torch.as_tensor(mask),
+      mm_token_type_ids=(ids_t == image_token_id).long(),
+      pixel_values=torch.as_tensor(np.concatenate([p.pixel_values for p in prompts])),
+      image_grid_thw=torch.as_tensor(np.concatenate([p.image_grid_thw for p in prompts])),
+      do_sample=False,
+      max_new_tokens=max_new_tokens,
+      eos_token_id=None,
+      pad_token_id=pad_id,
+    )
+  return out[:, length:].numpy()

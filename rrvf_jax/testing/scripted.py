@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from rrvf_jax.rollout.paged import PagedSampler
 from rrvf_jax.rollout.sampler import Sampler
 
 
@@ -72,3 +73,36 @@ class TextScriptedSampler(Sampler):
       if len(s.token_ids) and not self.prefilling:
         self.received[r].append(np.asarray(s.token_ids))
     return super().append(session, segments)
+
+
+class TextScriptedPagedSampler(PagedSampler):
+  """`TextScriptedSampler` for the paged engine: real tokens, scripted texts, recorded inputs."""
+
+  def __init__(self, *args, scripts, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.scripts = scripts
+    self.received = []
+    self.sampled = []
+
+  def start(self, num_rows):
+    super().start(num_rows)
+    self.received = [[] for _ in range(num_rows)]
+    self.sampled = [[] for _ in range(num_rows)]
+
+  def fork(self, parent, children):
+    for child in children:
+      self.received[child] = list(self.received[parent])
+    return super().fork(parent, children)
+
+  def append(self, rows, segments):
+    for r, s in zip(rows, segments, strict=True):
+      if len(s.token_ids):
+        self.received[r].append(np.asarray(s.token_ids))
+    return super().append(rows, segments)
+
+  def completion(self, turn, stop_strings):
+    c = super().completion(turn, stop_strings)
+    c = dataclasses.replace(c, text=self.scripts[turn.row][len(self.sampled[turn.row])])
+    self.sampled[turn.row].append(c)
+    self.received[turn.row].append(np.asarray(c.token_ids))
+    return c

@@ -24,7 +24,14 @@ from rrvf_jax.rollout import SamplerStats, SamplingParams, episode
 from rrvf_jax.rollout.sampler import Completion, bucket_length
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing.prompts import random_image
-from rrvf_jax.testing.scripted import INVALID_CALL, NO_ACTION, TextScriptedSampler, answer, call
+from rrvf_jax.testing.scripted import (
+  INVALID_CALL,
+  NO_ACTION,
+  TextScriptedPagedSampler,
+  TextScriptedSampler,
+  answer,
+  call,
+)
 
 NEW_TOKENS = 64
 FAKE_BUCKETS = (64, 128, 256, 512, 1024)
@@ -648,3 +655,82 @@ def test_score_drafts_gives_the_first_drafts_r_vision(tok, judge):
   assert nothing.first_draft_score == 0.0
   plain, _, _ = play(tok, judge, scripts[:1])
   assert plain.trajectories[0].first_draft_score is None  # not asked for
+
+
+def paged_play(model, tok, judge, scripts, n_targets, group_size, **kw):
+  """Episodes on the paged engine (scripted texts, real tokens): (batch, sampler)."""
+  engine = {"row_tokens": 1536, "page_size": 8, "decode_slots": 2, "decode_steps": 4}
+  engine |= kw.pop("engine", {})
+  sampler = TextScriptedPagedSampler(model, tok, scripts=scripts, buckets=(64, 128, 256), **engine)
+  params = SamplingParams(
+    max_new_tokens=10, temperature=1.0, stop_token_ids=tokens.special_token_ids(tok).eos_token_ids
+  )
+  batch = episode.run_episodes(
+    sampler,
+    targets(n_targets),
+    group_size=group_size,
+    task="chart",
+    render_submit=FakeRenderer(),
+    judge=judge,
+    sampling=params,
+    key=jax.random.key(4),
+    instruction="Reproduce this chart.",
+    **kw,
+  )
+  return batch, sampler
+
+
+def test_paged_engine_trajectories_are_token_exact_and_match_a_full_forward(model, tok, judge):
+  # Four rows through two decode slots, four tokens per call: rows leave for renders and come back.
+  scripts = [
+    [answer("plt.plot([1])")],
+    [call("plt.plot([2])"), answer("plt.plot([3])")],
+    [call("plt.plot([4])"), call("plt.FAIL()"), call("plt.plot([5])"), answer("plt.plot([6])")],
+    [NO_ACTION],
+  ]
+  batch, sampler = paged_play(model, tok, judge, scripts, 2, 2, max_turns=3)
+  trajectories = batch.trajectories
+  assert sampler.stats.prefill_rows == 2 and sampler.paged.forked_rows == 2
+  for r, t in enumerate(trajectories):
+    check_token_exact(t, sampler.received[r], sampler.sampled[r])
+  assert [t.num_turns for t in trajectories] == [1, 2, 4, 1]
+  assert [len(t.images) for t in trajectories] == [1, 2, 2, 1]
+  assert trajectories[2].forced_answer and trajectories[2].spans[-2].source == "nudge"
+  assert sampler.allocator.used == 0  # every finished row gave its pages back
+  assert batch.stats.kv_slots_peak > 0
+
+  length = bucket_length(max(t.length for t in trajectories), (256, 512, 1024))
+  pad = tokens.special_token_ids(tok).pad_token_id
+  data = episode.to_model_inputs(model.config, trajectories, length, pad_id=pad)
+  log_probs = log_softmax(model_lib.jit_forward(model, data.inputs))
+  current = np.take_along_axis(log_probs, data.targets[..., None].astype(np.int64), -1)[..., 0]
+  mask = data.loss_mask > 0
+  assert mask.sum() == sum(t.num_policy_tokens for t in trajectories)
+  np.testing.assert_allclose(current[mask], data.old_logprobs[mask], atol=1e-4, rtol=0)
+
+
+def test_paged_engine_gives_every_row_its_rounds_with_a_pool_of_tokens(model, tok, judge):
+  # Every turn calls the tool. With a pool of max_total_tokens = the worst case in *tokens* per
+  # row, each row of the paged engine gets all max_turns - 1 feedback rounds. The lock-step engine
+  # pads every append to a bucket in its shared cache and needs `cache_slots` (with one slot less
+  # it stops every row's tool loop: test_worst_case_budget_gives_every_row_all_its_feedback_rounds).
+  max_turns = 3
+  scripts = [[call(f"plt.plot([{k}, {r}])") for k in range(max_turns + 1)] for r in range(2)]
+  probe, _ = paged_play(model, tok, judge, [[answer("x")]], 1, 1)
+  budget = episode.worst_case(
+    prompt_tokens=probe.trajectories[0].prompt_length,
+    max_turns=max_turns,
+    max_new_tokens=10,
+    max_response_tokens=48,
+    force_answer_tokens=episode.force_answer_tokens(tok),
+    buckets=(64, 128, 256),
+  )
+  assert budget.tokens < budget.cache_slots
+  limits = {"max_turns": max_turns, "max_response_tokens": 48, "max_total_tokens": budget.tokens}
+  batch, _ = paged_play(
+    model, tok, judge, scripts, 1, 2, engine={"row_tokens": budget.tokens}, **limits
+  )
+  for t in batch.trajectories:
+    assert (t.limit, t.num_turns, t.forced_answer) == ("max_turns", max_turns + 1, True)
+    assert sum(c.response_status is not None for turn in t.turns for c in turn.tool_calls) == 2
+    assert t.length <= budget.tokens

@@ -6,6 +6,7 @@ import pytest
 
 from rrvf_jax.models.qwen_vl import kv_cache
 from rrvf_jax.rollout import Sampler, SamplingParams, Segment
+from rrvf_jax.testing import hf_reference
 from rrvf_jax.testing.prompts import (
   feedback_turn,
   full_log_probs,
@@ -32,33 +33,12 @@ def prompts(tok):
 
 
 def test_greedy_equals_transformers_generate(policy_dir, model, tok, sampler, prompts):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
   _, completions = sampler.generate(sampler.prefill(prompts), GREEDY, jax.random.key(0))
-
-  hf = transformers.AutoModelForImageTextToText.from_pretrained(policy_dir, dtype=torch.float32)
-  hf.eval()
-  pad = sampler.pad_id
-  length = max(len(p.token_ids) for p in prompts)
-  ids = np.full((len(prompts), length), pad)
-  mask = np.zeros_like(ids)
-  for i, p in enumerate(prompts):  # transformers batches decoder prompts left-padded
-    ids[i, length - len(p.token_ids) :] = p.token_ids
-    mask[i, length - len(p.token_ids) :] = 1
-  ids_t = torch.as_tensor(ids)
-  with torch.no_grad():
-    out = hf.generate(
-      input_ids=ids_t,
-      attention_mask=torch.as_tensor(mask),
-      mm_token_type_ids=(ids_t == model.config.image_token_id).long(),
-      pixel_values=torch.as_tensor(np.concatenate([p.pixel_values for p in prompts])),
-      image_grid_thw=torch.as_tensor(np.concatenate([p.image_grid_thw for p in prompts])),
-      do_sample=False,
-      max_new_tokens=GREEDY.max_new_tokens,
-      eos_token_id=None,
-      pad_token_id=pad,
-    )
-  expected = out[:, length:].numpy()
+  expected = hf_reference.hf_greedy_generate(
+    policy_dir, prompts, GREEDY.max_new_tokens, sampler.pad_id, model.config.image_token_id
+  )
   for row, completion in zip(expected, completions, strict=True):
     assert completion.finish_reason == "length"
     np.testing.assert_array_equal(completion.token_ids, row)

@@ -69,6 +69,11 @@ class Qwen3TextModel(TextModel):
       return super().cached(x.tokens, positions_3bt, cache, offset, x.deepstack)
     return super().cached(x, positions_3bt, cache, offset)
 
+  def paged(self, x, positions_3bt, k_pages, v_pages, view):
+    if isinstance(x, Embeddings):
+      return super().paged(x.tokens, positions_3bt, k_pages, v_pages, view, x.deepstack)
+    return super().paged(x, positions_3bt, k_pages, v_pages, view)
+
 
 class Qwen3VL(QwenVL):
   """Qwen3-VL (dense): Qwen3 decoder with interleaved M-RoPE, DeepStack, Qwen3-VL vision tower.

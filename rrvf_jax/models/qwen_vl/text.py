@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from rrvf_jax import sharding
-from rrvf_jax.models.qwen_vl import kv_cache, remat, rope
+from rrvf_jax.models.qwen_vl import kv_cache, paged_kv, remat, rope
 from rrvf_jax.models.qwen_vl.config import TextConfig
 from rrvf_jax.models.qwen_vl.layers import Dense, RMSNorm, causal_attention, param
 
@@ -60,6 +60,16 @@ class Attention(nnx.Module):
     out = kv_cache.cached_attention(q, k_cache, v_cache, mask_bts, scale=self.scale)
     return self.o(out), k_cache, v_cache
 
+  def paged(self, x_bte, cos, sin, k_pages, v_pages, view: paged_kv.PageView):
+    """Attention of each row's new tokens over its own pages, after writing their keys/values."""
+    q, k = self._rotated_qk(x_bte, cos, sin)
+    k_pages, v_pages = paged_kv.write(k_pages, v_pages, k, self.v(x_bte), view)
+    k_pages = sharding.constrain(k_pages, paged_kv.PAGE_AXES)
+    v_pages = sharding.constrain(v_pages, paged_kv.PAGE_AXES)
+    q = sharding.constrain(q, ("batch", "length", "act_heads", None))
+    out = paged_kv.attention(q, k_pages, v_pages, view, scale=self.scale)
+    return self.o(out), k_pages, v_pages
+
 
 class MLP(nnx.Module):
   """SwiGLU without biases."""
@@ -99,6 +109,13 @@ class DecoderLayer(nnx.Module):
     x = x + attn
     x = x + self.mlp(self.post_attn_norm(x))
     return sharding.constrain(x, ("batch", "length", "act_embed")), k_cache, v_cache
+
+  def paged(self, x, cos, sin, k_pages, v_pages, view: paged_kv.PageView):
+    """The block on each row's new tokens against its pages; returns the output and the pages."""
+    attn, k_pages, v_pages = self.attn.paged(self.input_norm(x), cos, sin, k_pages, v_pages, view)
+    x = x + attn
+    x = x + self.mlp(self.post_attn_norm(x))
+    return sharding.constrain(x, ("batch", "length", "act_embed")), k_pages, v_pages
 
 
 class TextModel(nnx.Module):
@@ -165,3 +182,19 @@ class TextModel(nnx.Module):
         ks.append(k_cache)
         vs.append(v_cache)
       return self.norm(x_bte), kv_cache.KVCache(tuple(ks), tuple(vs), cache.valid)
+
+  def paged(
+    self, x_bte, positions_3bt, k_pages: tuple, v_pages: tuple, view, deepstack=None
+  ) -> tuple[jax.Array, tuple, tuple]:
+    """Runs each row's new tokens on its own pages (`paged_kv`); returns hidden states and pools."""
+    with jax.named_scope("decoder_paged"):
+      cos, sin = self.cos_sin(positions_3bt)
+      ks, vs = [], []
+      layers = zip(self.layers, k_pages, v_pages, strict=True)
+      for i, (layer, k_layer, v_layer) in enumerate(layers):
+        x_bte, k_layer, v_layer = layer.paged(x_bte, cos, sin, k_layer, v_layer, view)
+        if deepstack is not None and i < deepstack.levels:
+          x_bte = x_bte + deepstack.residual(i).astype(x_bte.dtype)
+        ks.append(k_layer)
+        vs.append(v_layer)
+      return self.norm(x_bte), tuple(ks), tuple(vs)
