@@ -144,6 +144,11 @@ def _validate_sft(s: ml_collections.ConfigDict) -> None:
 
 def _validate_grpo(g: ml_collections.ConfigDict) -> None:
   _check(g.steps >= 0, "grpo.steps", f"must be >= 0, got {g.steps}")
+  engines = ("lock_step", "paged")
+  _check(g.engine in engines, "grpo.engine", f"must be one of {list(engines)}, got {g.engine!r}")
+  for key in ("page_size", "decode_steps"):
+    _check(g[key] > 0, f"grpo.{key}", f"must be positive, got {g[key]}")
+  _check(g.decode_slots >= 0, "grpo.decode_slots", f"must be >= 0, got {g.decode_slots}")
   keys = ("prompts_per_step", "group_size", "max_turns", "max_new_tokens", "max_response_tokens")
   for key in (*keys, "epochs"):
     _check(g[key] > 0, f"grpo.{key}", f"must be positive, got {g[key]}")

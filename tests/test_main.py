@@ -143,6 +143,19 @@ def test_grpo_stage_logs_what_it_did(tmp_path, data_dir):
   assert {"2"} <= set(os.listdir(tmp_path / "grpo" / "checkpoints"))
 
 
+def test_grpo_stage_on_the_paged_engine(tmp_path, data_dir):
+  # Rows stream through 4 decode slots, 8 tokens a call: the trainer's log-probs still agree.
+  engine = ["--config.grpo.engine=paged", "--config.grpo.decode_slots=4"]
+  config = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL, *engine])
+  config.grpo.decode_steps = 8
+  summary = pipeline.run(config, str(tmp_path))
+  records = metrics.read_jsonl(tmp_path / "grpo" / "metrics.jsonl")
+  assert [r["step"] for r in records] == [1, 2]
+  assert max(r["grpo/logprob_mismatch_max"] for r in records) < 1e-3
+  assert all(r["rollout/kv_slots_peak"] > 0 for r in records)
+  assert summary["grpo"]["after"]["items"] == 2
+
+
 def test_web_demo_runs_end_to_end(tmp_path, data_dir):
   """SFT, a GRPO step with Chromium renders, the answer check and the WebSight-metric eval."""
   config = small_config(web, data_dir, [*SMALL[:-2], *GRPO_SMALL[1:]])

@@ -28,7 +28,7 @@ from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.models.qwen_vl.model import ModelInputs
 from rrvf_jax.processing import tokens
 from rrvf_jax.rl import algorithms, dynamic_sampling
-from rrvf_jax.rollout import episode, sampling
+from rrvf_jax.rollout import episode, paged, sampling
 from rrvf_jax.rollout import sampler as sampler_lib
 from rrvf_jax.train import batch as batch_lib
 from rrvf_jax.train import optim, sft_loop, step
@@ -279,14 +279,23 @@ def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int |
 
   `cache_length` None: the stage's (`pipeline.episode_budget`), else `grpo.max_total_tokens`.
   """
-  cache_length = cache_length or stage.cache_length or stage.config.grpo.max_total_tokens
-  sampler = sampler_lib.Sampler(
-    nnx.merge(graphdef, to_sampler_mesh(stage, params)),
-    stage.tokenizer,
-    cache_length=cache_length,
-    mesh=stage.sampler_mesh or stage.mesh,
-    rules=stage.rules,
-  )
+  c = stage.config.grpo
+  model = nnx.merge(graphdef, to_sampler_mesh(stage, params))
+  placement = {"mesh": stage.sampler_mesh or stage.mesh, "rules": stage.rules}
+  if c.get("engine", "lock_step") == "paged":
+    # Every row's pages hold its own budget (max_total_tokens); no bucket padding to reserve.
+    sampler = paged.PagedSampler(
+      model,
+      stage.tokenizer,
+      row_tokens=c.max_total_tokens,
+      page_size=c.page_size,
+      decode_slots=c.decode_slots or None,
+      decode_steps=c.decode_steps,
+      **placement,
+    )
+  else:
+    cache_length = cache_length or stage.cache_length or c.max_total_tokens
+    sampler = sampler_lib.Sampler(model, stage.tokenizer, cache_length=cache_length, **placement)
   return sampler, lambda new_params: sampler.set_params(to_sampler_mesh(stage, new_params))
 
 
