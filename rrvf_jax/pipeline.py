@@ -22,12 +22,10 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rrvf_jax import checkpoint, env, metrics, models, roles, sharding
+from rrvf_jax import checkpoint, components, env, metrics, models, roles, sharding
 from rrvf_jax import data as data_lib
-from rrvf_jax.processing import chat, image, tokens
+from rrvf_jax.processing import chat, image, tiny_tokenizer, tokens
 from rrvf_jax.rollout import answer_check, episode
-from rrvf_jax.testing import checkpoints
-from rrvf_jax.testing import tokenizer as tiny_tokenizer
 from rrvf_jax.train import grpo, optim, sft_loop
 from rrvf_jax.train import state as state_lib
 
@@ -198,7 +196,7 @@ def policy_config(config: ml_collections.ConfigDict, tok) -> models.ModelConfig:
   """The policy's architecture: the checkpoint's config.json or the preset fitted to `tok`."""
   if config.model.checkpoint_dir:
     return models.load_hf_config(config.model.checkpoint_dir)
-  return checkpoints.config_for_tokenizer(config.model.preset, tok)
+  return components.config_for_tokenizer(config.model.preset, tok)
 
 
 def policy_model_type(config: ml_collections.ConfigDict) -> str:
