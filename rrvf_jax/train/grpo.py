@@ -277,7 +277,7 @@ def to_sampler_mesh(stage: sft_loop.Stage, params):
 def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int | None = None):
   """(sampler on this host's sampler mesh, `update(params)` that gives it the trainer's weights).
 
-  `cache_length` None: the stage's (`pipeline.episode_budget`), else `grpo.max_total_tokens`.
+  `cache_length` None: the stage's (`components.episode_budget`), else `grpo.max_total_tokens`.
   """
   cache_length = cache_length or stage.cache_length or stage.config.grpo.max_total_tokens
   sampler = sampler_lib.Sampler(
