@@ -244,7 +244,7 @@ class Run:
   proc_cfg: image.ImageProcessorConfig
   stage: Any  # train.sft_loop.Stage
   grid: np.ndarray  # (1, 3) patch grid of one canvas image
-  budget: Any  # rollout.episode.Budget: the worst-case episode (the sampler's cache length)
+  budget: Any  # rollout.budget.Budget: the worst-case episode (the sampler's cache length)
 
   @property
   def patches(self) -> int:

@@ -21,7 +21,8 @@ from jax.experimental import multihost_utils
 from rrvf_jax import data as data_lib
 from rrvf_jax import env, models
 from rrvf_jax.processing import chat, image, tiny_tokenizer, tokens
-from rrvf_jax.rollout import answer_check, episode
+from rrvf_jax.rollout import answer_check
+from rrvf_jax.rollout import budget as budget_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SYNTHETIC = {"chart": "synthetic_charts", "web": "synthetic_web"}
@@ -163,7 +164,7 @@ def judge_failure(config: ml_collections.ConfigDict) -> str:
   return "drop" if config.judge.on_unavailable == "drop_group" else "raise"
 
 
-def episode_budget(config, tok, proc_cfg: image.ImageProcessorConfig) -> episode.Budget:
+def episode_budget(config, tok, proc_cfg: image.ImageProcessorConfig) -> budget_lib.Budget:
   """The worst case of one episode of this config, for a target at the canvas size.
 
   The sampler's cache is made this long (`cache_slots`), so only `grpo.max_total_tokens` can stop a
@@ -179,12 +180,12 @@ def episode_budget(config, tok, proc_cfg: image.ImageProcessorConfig) -> episode
     system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
     tools=env.tool_schemas(config.task),
   )
-  return episode.worst_case(
+  return budget_lib.worst_case(
     prompt_tokens=len(prompt.token_ids),
     max_turns=g.max_turns,
     max_new_tokens=g.max_new_tokens,
     max_response_tokens=g.max_response_tokens,
-    force_answer_tokens=episode.force_answer_tokens(tok),
+    force_answer_tokens=budget_lib.force_answer_tokens(tok),
     forcing=g.on_budget == "force_answer",
   )
 
