@@ -244,7 +244,7 @@ class Run:
   proc_cfg: image.ImageProcessorConfig
   stage: Any  # train.sft_loop.Stage
   grid: np.ndarray  # (1, 3) patch grid of one canvas image
-  budget: Any  # rollout.episode.Budget: the worst-case episode (the sampler's cache length)
+  budget: Any  # rollout.budget.Budget: the worst-case episode (the sampler's cache length)
 
   @property
   def patches(self) -> int:
@@ -278,7 +278,7 @@ def make_run(config: ml_collections.ConfigDict, topology: Topology, workdir: str
 
   The judge is not needed (no episode is played), so an `openai` judge without its URL passes.
   """
-  from rrvf_jax import pipeline
+  from rrvf_jax import components, pipeline
   from rrvf_jax.train import sft_loop
 
   checked = config.copy_and_resolve_references()
@@ -301,18 +301,18 @@ def make_run(config: ml_collections.ConfigDict, topology: Topology, workdir: str
       f"--num_slices={topology.slices}: the run's mesh (sharding.make_mesh) cannot span slices"
     ) from None
   rules = sharding.get_rules(config.mesh.rules)
-  tok = tokens.load_tokenizer(pipeline.tokenizer_dir(config, workdir))
-  model_cfg = pipeline.policy_config(config, tok)
-  proc_cfg = pipeline.image_processor_config(config)
+  tok = tokens.load_tokenizer(components.tokenizer_dir(config, workdir))
+  model_cfg = components.policy_config(config, tok)
+  proc_cfg = components.image_processor_config(config)
   canvas = np.zeros((config.image.height, config.image.width, 3), np.uint8)
   grid = image.preprocess_images([canvas], proc_cfg).image_grid_thw.reshape(1, 3)
-  budget = pipeline.episode_budget(config, tok, proc_cfg)
+  budget = components.episode_budget(config, tok, proc_cfg)
   stage = sft_loop.Stage(
     config=config,
     workdir=workdir,
     tokenizer=tok,
     model_config=model_cfg,
-    make_model=pipeline.fresh_model_fn(config, model_cfg),
+    make_model=components.fresh_model_fn(config, model_cfg),
     initial_model=lambda: None,
     mesh=placement.trainer_mesh,
     rules=rules,

@@ -4,37 +4,32 @@ Stages (each skipped when its size is 0 or it is disabled): cold-start SFT (`sft
 GRPO (`grpo.steps`, with greedy held-out episodes before and after it), the held-out answer check
 (`answer_check.num_examples`), the HF export (`checkpoint.export_hf`) and the benchmark evaluation
 (`eval.enabled`). Each training stage resumes from its own checkpoints when the command is re-run.
+What the stages are built from (tokenizer, policy, data, renderer, judge, episode budget) comes from
+`rrvf_jax.components`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from rrvf_jax import checkpoint, env, metrics, models, roles, sharding
+from rrvf_jax import checkpoint, components, env, metrics, models, roles, sharding
 from rrvf_jax import data as data_lib
-from rrvf_jax.processing import chat, image, tokens
-from rrvf_jax.rollout import answer_check, episode
-from rrvf_jax.testing import checkpoints
-from rrvf_jax.testing import tokenizer as tiny_tokenizer
+from rrvf_jax.eval import stage as eval_stage
+from rrvf_jax.processing import chat, tokens
+from rrvf_jax.rollout import answer_check
 from rrvf_jax.train import grpo, optim, sft_loop
 from rrvf_jax.train import state as state_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TASKS = ("chart", "web")
 REMAT = ("none", "dots", "full")
-SYNTHETIC = {"chart": "synthetic_charts", "web": "synthetic_web"}
 
 JUDGE_POLICIES = ("wait", "drop_group")
 ITEM_FIELDS = ("id", "text", "answered", "executed", "similarity", "turns", "tool_calls", "message")
@@ -53,7 +48,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every value the pipeline depends on before any work starts."""
   _check(config.task in TASKS, "task", f"must be one of {list(TASKS)}, got {config.task!r}")
   m = config.model
-  _check(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+  _check(
+    m.dtype in components.DTYPES,
+    "model.dtype",
+    f"must be one of {sorted(components.DTYPES)}, got {m.dtype!r}",
+  )
   if m.checkpoint_dir and not os.path.isfile(os.path.join(m.checkpoint_dir, "config.json")):
     raise ConfigError(
       f"config.model.checkpoint_dir {m.checkpoint_dir!r} is not an HF checkpoint directory"
@@ -185,165 +184,6 @@ def _validate_grpo(g: ml_collections.ConfigDict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Policy, tokenizer, data.
-
-
-def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The tokenizer's directory: configured, the checkpoint's, or a tiny one made for presets."""
-  if config.model.tokenizer_dir:
-    return config.model.tokenizer_dir
-  if config.model.checkpoint_dir:
-    return config.model.checkpoint_dir
-  family = models.get_preset(config.model.preset).model_type
-  path = os.path.join(workdir, "tiny_tokenizer")
-  return os.fspath(tiny_tokenizer.make_tiny_tokenizer(path, family=family))
-
-
-def policy_config(config: ml_collections.ConfigDict, tok) -> models.ModelConfig:
-  """The policy's architecture: the checkpoint's config.json or the preset fitted to `tok`."""
-  if config.model.checkpoint_dir:
-    return models.load_hf_config(config.model.checkpoint_dir)
-  return checkpoints.config_for_tokenizer(config.model.preset, tok)
-
-
-def policy_model_type(config: ml_collections.ConfigDict) -> str:
-  """The policy's HF model_type (its family in `rrvf_jax.models`)."""
-  if config.model.checkpoint_dir:
-    return models.load_hf_config(config.model.checkpoint_dir).model_type
-  return models.get_preset(config.model.preset).model_type
-
-
-def image_processor_config(config: ml_collections.ConfigDict) -> image.ImageProcessorConfig:
-  """The image processor: the checkpoint's preprocessor_config.json (else the family's hub
-  settings), bounded by the config."""
-  base = image.ImageProcessorConfig.for_model_type(policy_model_type(config))
-  proc_file = os.path.join(config.model.checkpoint_dir or "", "preprocessor_config.json")
-  if config.model.checkpoint_dir and os.path.isfile(proc_file):
-    base = image.ImageProcessorConfig.from_pretrained(proc_file)
-  return dataclasses.replace(
-    base, min_pixels=config.image.min_pixels, max_pixels=config.image.max_pixels
-  )
-
-
-def dataset(config: ml_collections.ConfigDict, workdir: str, split: str) -> data_lib.ExampleSource:
-  """A split of the configured dataset, built on process 0 first if missing; never empty."""
-  d = config.data
-  kwargs = {}
-  if d.name in SYNTHETIC.values():
-    kwargs = {
-      "complexity": d.complexity,
-      "width": config.image.width,
-      "height": config.image.height,
-      "num_train": d.num_train,
-      "num_test": d.num_test,
-      "seed": config.seed,
-    }
-    if d.name == "synthetic_charts":
-      kwargs["dpi"] = config.image.dpi
-
-  def load(build: bool) -> data_lib.ExampleSource:
-    return data_lib.load(
-      d.name,
-      split,
-      data_dir=d.data_dir or os.path.join(workdir, "data"),
-      manual_dir=d.manual_dir or None,
-      build=build,
-      **kwargs,
-    )
-
-  source = load(True) if jax.process_index() == 0 else None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"dataset {d.name}/{split}")
-    source = source or load(False)
-  if len(source) == 0:
-    raise ValueError(f"dataset {d.name} split {split!r} is empty")
-  return source
-
-
-def fresh_model_fn(config: ml_collections.ConfigDict, model_cfg: models.ModelConfig):
-  """`make_model(rngs)`: the policy architecture (its family's model class) with new weights."""
-  dtype = DTYPES[config.model.dtype]
-  return lambda rngs: models.build_model(model_cfg, dtype=dtype, rngs=rngs)
-
-
-def pretrained_model(config, mesh, rules) -> nnx.Module | None:
-  """The checkpoint's weights, sharded on `mesh`; None for presets (random weights)."""
-  if not config.model.checkpoint_dir:
-    logging.info("No checkpoint_dir: preset %r with random weights.", config.model.preset)
-    return None
-  return models.from_hf(
-    config.model.checkpoint_dir, dtype=DTYPES[config.model.dtype], mesh=mesh, rules=rules
-  )
-
-
-def canvas_renderer(config: ml_collections.ConfigDict):
-  """(submit(code) -> future of RenderResult, close()) of the task's sandboxed renderer."""
-  width, height = config.image.width, config.image.height
-  if config.task == "chart":
-    canvas = env.ChartCanvas(width, height, dpi=config.image.dpi)
-    return (lambda code: env.submit_chart(code, canvas=canvas)), (lambda: None)
-  renderer = env.HtmlRenderer(env.WebCanvas(width=width, height=height, max_height=height))
-  return renderer.submit, renderer.close
-
-
-def make_judge(config: ml_collections.ConfigDict) -> env.Judge:
-  """The configured judge (`judge.name`); an outage waits or fails, never falls back to another."""
-  j = config.judge
-  if j.name == "local":
-    return env.LocalJudge()
-  return env.OpenAIJudge(
-    config=env.OpenAIJudgeConfig(
-      base_url=j.base_url,
-      model=j.model,
-      # 'wait' retries up to max_wait_s and then raises (the run stops, to be resumed);
-      # 'fail' raises after the retries, and the episode driver drops the row's group.
-      on_unavailable="wait" if j.on_unavailable == "wait" else "fail",
-      max_wait_s=j.max_wait_s,
-      on_parse_failure="zero",  # an unreadable score is 0 on the judge's own scale
-    )
-  )
-
-
-def judge_failure(config: ml_collections.ConfigDict) -> str:
-  """What the episode driver does when the judge is unavailable (`episode.run_episodes`)."""
-  return "drop" if config.judge.on_unavailable == "drop_group" else "raise"
-
-
-def episode_budget(config, tok, proc_cfg: image.ImageProcessorConfig) -> episode.Budget:
-  """The worst case of one episode of this config, for a target at the canvas size.
-
-  The sampler's cache is made this long (`cache_slots`), so only `grpo.max_total_tokens` can stop a
-  row's tool loop; when it is below `tokens`, some worst-case rows get fewer feedback rounds.
-  """
-  g = config.grpo
-  blank = np.full((config.image.height, config.image.width, 3), 255, np.uint8)
-  prompt = answer_check.prompt_segment(
-    tok,
-    blank,
-    instruction=env.task_instruction(config.task),
-    proc_cfg=proc_cfg,
-    system_prompt=chat.DEFAULT_SYSTEM_PROMPT,
-    tools=env.tool_schemas(config.task),
-  )
-  return episode.worst_case(
-    prompt_tokens=len(prompt.token_ids),
-    max_turns=g.max_turns,
-    max_new_tokens=g.max_new_tokens,
-    max_response_tokens=g.max_response_tokens,
-    force_answer_tokens=episode.force_answer_tokens(tok),
-    forcing=g.on_budget == "force_answer",
-  )
-
-
-def reward_config(config: ml_collections.ConfigDict) -> env.RewardConfig:
-  """Reward weights and the R_tool gate from the `reward` section."""
-  r = config.reward
-  return env.RewardConfig(
-    w_vision=r.w_vision, w_format=r.w_format, w_tool=r.w_tool, tool_threshold=r.tool_threshold
-  )
-
-
-# ------------------------------------------------------------------------------------------------
 # Stages.
 
 
@@ -354,13 +194,15 @@ def run_answer_check(config, workdir, stage: sft_loop.Stage, model) -> dict:
   the files.
   """
   a = config.answer_check
-  source = dataset(config, workdir, config.data.eval_split)
+  source = components.dataset(config, workdir, config.data.eval_split)
   n = min(a.num_examples, len(source))
   examples = sft_loop.decoded_examples([source[i] for i in range(n)])
   graphdef, params = state_lib.split_params(model)
   sampler, _ = grpo.make_sampler(stage, graphdef, params, cache_length=stage.cache_length)
-  submit, close = canvas_renderer(config)
-  environment = grpo.Environment(submit, make_judge(config), reward_config(config))
+  submit, close = components.canvas_renderer(config)
+  environment = grpo.Environment(
+    submit, components.make_judge(config), components.reward_config(config)
+  )
   greedy = grpo.sampling_params(stage, greedy=True)
 
   def play(images):
@@ -393,12 +235,14 @@ def run_answer_check(config, workdir, stage: sft_loop.Stage, model) -> dict:
 
 def run_grpo(config, workdir, stage: sft_loop.Stage, model) -> tuple[nnx.Module, dict]:
   """The GRPO stage, with greedy held-out episodes before and after; (policy, summary)."""
-  submit, close = canvas_renderer(config)
-  environment = grpo.Environment(submit, make_judge(config), reward_config(config))
+  submit, close = components.canvas_renderer(config)
+  environment = grpo.Environment(
+    submit, components.make_judge(config), components.reward_config(config)
+  )
   g = config.grpo
   held_out = []
   if g.eval_examples > 0:
-    source = dataset(config, workdir, config.data.eval_split)
+    source = components.dataset(config, workdir, config.data.eval_split)
     n = min(g.eval_examples, len(source))
     held_out = sft_loop.decoded_examples([source[i] for i in range(n)])
 
@@ -415,7 +259,9 @@ def run_grpo(config, workdir, stage: sft_loop.Stage, model) -> tuple[nnx.Module,
     if held_out:
       out["before"] = evaluate(model)
       logging.info("grpo: held-out before %s", out["before"])
-    model = grpo.run(stage, dataset(config, workdir, config.data.train_split), model, environment)
+    model = grpo.run(
+      stage, components.dataset(config, workdir, config.data.train_split), model, environment
+    )
     if held_out:
       out["after"] = evaluate(model)
       logging.info("grpo: held-out after %s", out["after"])
@@ -427,10 +273,8 @@ def run_grpo(config, workdir, stage: sft_loop.Stage, model) -> tuple[nnx.Module,
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The benchmark evaluation stage (of the exported policy when there is one)."""
-  from rrvf_jax.eval import stage  # imports this module
-
   t = time.perf_counter()
-  agg, out_dir = stage.run(config, workdir)
+  agg, out_dir = eval_stage.run(config, workdir)
   keys = ("benchmark", "n_items", "exec_rate", "text", "layout", "type", "color", "overall")
   return {k: agg[k] for k in keys if k in agg} | {
     "out_dir": out_dir,
@@ -451,11 +295,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   mesh = placement.trainer_mesh
   rules = sharding.get_rules(config.mesh.rules)
-  tok_dir = tokenizer_dir(config, workdir)
+  tok_dir = components.tokenizer_dir(config, workdir)
   tok = tokens.load_tokenizer(tok_dir)
-  model_cfg = policy_config(config, tok)
-  proc_cfg = image_processor_config(config)
-  budget = episode_budget(config, tok, proc_cfg)
+  model_cfg = components.policy_config(config, tok)
+  proc_cfg = components.image_processor_config(config)
+  budget = components.episode_budget(config, tok, proc_cfg)
   if budget.tokens > config.grpo.max_total_tokens:
     logging.warning(
       "grpo.max_total_tokens=%d is below an episode's worst case (%d tokens): rows that use "
@@ -478,8 +322,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir=workdir,
     tokenizer=tok,
     model_config=model_cfg,
-    make_model=fresh_model_fn(config, model_cfg),
-    initial_model=lambda: pretrained_model(config, mesh, rules),
+    make_model=components.fresh_model_fn(config, model_cfg),
+    initial_model=lambda: components.pretrained_model(config, mesh, rules),
     mesh=mesh,
     rules=rules,
     proc_cfg=proc_cfg,
@@ -491,12 +335,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   if config.sft.steps > 0:
     t = time.perf_counter()
-    model = sft_loop.run(stage, dataset(config, workdir, config.data.train_split))
+    model = sft_loop.run(stage, components.dataset(config, workdir, config.data.train_split))
     summary["sft"] = _sft_summary(workdir) | {"seconds": round(time.perf_counter() - t, 1)}
   if model is None:
-    model = pretrained_model(config, mesh, rules)
+    model = components.pretrained_model(config, mesh, rules)
     if model is None:
-      model = fresh_model_fn(config, model_cfg)(nnx.Rngs(config.seed))
+      model = components.fresh_model_fn(config, model_cfg)(nnx.Rngs(config.seed))
   logging.info("Parameter shardings:\n%s", sharding.sharding_table(model, mesh, rules))
   if config.grpo.steps > 0:
     model, summary["grpo"] = run_grpo(config, workdir, stage, model)

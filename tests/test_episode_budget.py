@@ -3,7 +3,7 @@
 import pytest
 
 from configs import chart, web
-from rrvf_jax import pipeline
+from rrvf_jax import components
 from rrvf_jax.testing import tokenizer as tiny_tokenizer
 
 
@@ -18,7 +18,7 @@ def tok():
 def test_the_worst_case_episode_fits_the_budget(tok, module, preset):
   config = module.get_config(preset)
   g = config.grpo
-  budget = pipeline.episode_budget(config, tok, pipeline.image_processor_config(config))
+  budget = components.episode_budget(config, tok, components.image_processor_config(config))
   # Worst case: max_turns turns of max_new_tokens, each call answered by a response of
   # max_response_tokens, then the forced answer after the last call.
   assert budget.tokens > g.max_turns * g.max_new_tokens + (g.max_turns - 1) * g.max_response_tokens

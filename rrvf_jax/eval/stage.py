@@ -91,7 +91,7 @@ def run(
   import jax
   from flax import nnx
 
-  from rrvf_jax import pipeline, roles, sharding
+  from rrvf_jax import components, roles, sharding
   from rrvf_jax.eval import run as eval_run
   from rrvf_jax.processing import chat, tokens
 
@@ -111,12 +111,12 @@ def run(
   else:
     mesh = sharding.mesh_from_config({k: config.mesh[k] for k in ("data", "fsdp", "tensor")})
   rules = sharding.get_rules(config.mesh.rules)
-  source = pipeline.dataset(config, workdir, split)  # built from data.manual_dir if missing
-  tok = tokens.load_tokenizer(pipeline.tokenizer_dir(config, workdir))
-  model = pipeline.pretrained_model(config, mesh, rules)
+  source = components.dataset(config, workdir, split)  # built from data.manual_dir if missing
+  tok = tokens.load_tokenizer(components.tokenizer_dir(config, workdir))
+  model = components.pretrained_model(config, mesh, rules)
   if model is None:
     logging.warning("No checkpoint: evaluating preset %r with random weights.", config.model.preset)
-    model = pipeline.fresh_model_fn(config, pipeline.policy_config(config, tok))(
+    model = components.fresh_model_fn(config, components.policy_config(config, tok))(
       nnx.Rngs(config.seed)
     )
   tool_loop = bool(setting(config, "tool_loop", tool_loop, False))
@@ -126,9 +126,9 @@ def run(
   batch_size = setting(config, "batch_size", batch_size, config.answer_check.batch_size)
   max_items = setting(config, "max_items", max_items, None) or None
   out_dir = out_dir or os.path.join(workdir, "eval", f"{name}-{split}")
-  judge = pipeline.make_judge(config) if config.judge.name == "openai" else None
-  proc_cfg = pipeline.image_processor_config(config)
-  submit, close = pipeline.canvas_renderer(config) if tool_loop else (None, lambda: None)
+  judge = components.make_judge(config) if config.judge.name == "openai" else None
+  proc_cfg = components.image_processor_config(config)
+  submit, close = components.canvas_renderer(config) if tool_loop else (None, lambda: None)
   logging.info(
     "Evaluating %s on %s/%s (%d items), policy %s, devices %s",
     benchmark, name, split, len(source), config.model.checkpoint_dir or "(random)", jax.devices(),
@@ -148,7 +148,7 @@ def run(
       max_new_tokens=int(max_new_tokens),
       max_total_tokens=config.grpo.max_total_tokens,
       max_response_tokens=config.grpo.max_response_tokens,
-      cache_length=pipeline.episode_budget(config, tok, proc_cfg).cache_slots
+      cache_length=components.episode_budget(config, tok, proc_cfg).cache_slots
       if tool_loop
       else None,
       on_budget=config.grpo.on_budget,
@@ -156,7 +156,7 @@ def run(
       max_items=None if max_items is None else int(max_items),
       judge=judge,
       render_submit=submit,
-      feedback_judge=pipeline.make_judge(config) if tool_loop else None,
+      feedback_judge=components.make_judge(config) if tool_loop else None,
       mesh=mesh,
       rules=rules,
       meta={

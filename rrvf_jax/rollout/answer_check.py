@@ -72,7 +72,7 @@ def prompt_segment(
 
 
 def item_result(example_id: str, trajectory: Any) -> ItemResult:
-  """An `ItemResult` from a finished `episode.Trajectory`."""
+  """An `ItemResult` from a finished `records.Trajectory`."""
   render = trajectory.final_render
   executed = render is not None and render.ok and render.image is not None
   if render is not None and not executed:
@@ -101,7 +101,7 @@ def run(
 ) -> list[ItemResult]:
   """Plays one greedy episode per example {'id', 'image': uint8 HWC} and scores it.
 
-  `play(images)` returns one `episode.Trajectory` per image (greedy, group size 1; e.g.
+  `play(images)` returns one `records.Trajectory` per image (greedy, group size 1; e.g.
   `grpo.play` with greedy sampling). The last batch is padded with copies (dropped here): one
   compiled shape, and row counts that divide the mesh's batch axes.
   """

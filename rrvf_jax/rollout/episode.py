@@ -16,7 +16,8 @@
      image and the judge's feedback, or the error text and no image when the render failed
      (DESIGN.md §4). Invalid calls get the parser's message. A response longer than
      `max_response_tokens` has its text cut in the middle (`chat.fit_appended_turn`), so every
-     appended turn has a known bound and the budget's worst case is computable (`worst_case`).
+     appended turn has a known bound and the budget's worst case is computable
+     (`budget.worst_case`).
 3. Limits. `max_turns` assistant turns per episode, and `max_total_tokens` tokens per trajectory
    (every trajectory fits it, and the sampler's cache always has room for what is decoded). A row
    that still calls the tool when a limit stops it is, per `on_budget`,
@@ -35,12 +36,16 @@ Trajectories are token-exact (DESIGN.md §3): `token_ids` are exactly the ids th
 order (prompt, each sampled turn with its stop token, each appended turn); `loss_mask` is 1 only on
 sampled tokens; `old_logprobs` are the sampler's log-probs there (under the sampling temperature),
 0 elsewhere. A turn cut at `max_new_tokens` before `<|im_end|>` is closed by an `<|im_end|>` at the
-start of the next appended turn, which is not a policy token. `to_model_inputs` pads trajectories
-into next-token training arrays for the GRPO loss.
+start of the next appended turn, which is not a policy token. `batch.to_model_inputs` pads
+trajectories into next-token training arrays for the GRPO loss.
 
 Timing: the sampler calls are synchronous on the host (`generate` fetches its tokens), so the wall
 time outside them is time the device has no work; `EpisodeStats` reports it with the render and
 judge times.
+
+This module is the driver. What it returns (`Trajectory`, `EpisodeStats`, ...) is in
+`rollout.records`, the episode budget in `rollout.budget`, the trainer's arrays in `rollout.batch`;
+their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -57,18 +62,51 @@ import numpy as np
 from absl import logging
 
 from rrvf_jax import env
-from rrvf_jax.models.qwen_vl.config import ModelConfig
-from rrvf_jax.models.qwen_vl.model import ModelInputs, prepare_inputs
 from rrvf_jax.processing import chat, image, tokens
 from rrvf_jax.rollout import answer_check, paged
 from rrvf_jax.rollout import sampler as sampler_lib
 from rrvf_jax.rollout import sampling as sampling_lib
+from rrvf_jax.rollout.batch import PolicyBatch, to_model_inputs, token_arrays
+from rrvf_jax.rollout.budget import Budget, force_answer_tokens, nudge_ids, worst_case
+from rrvf_jax.rollout.records import (
+  END_REASONS,
+  EpisodeBatch,
+  EpisodeStats,
+  Span,
+  SpanSource,
+  ToolCallRecord,
+  Trajectory,
+  TurnRecord,
+)
+
+# The records, the budget and the batch building are re-exported: code that imports them from the
+# driver's module, as all of it did before they moved, keeps working.
+__all__ = [
+  "END_REASONS",
+  "JUDGE_FAILURE",
+  "ON_BUDGET",
+  "Budget",
+  "EpisodeBatch",
+  "EpisodeStats",
+  "JudgeFailure",
+  "OnBudget",
+  "PolicyBatch",
+  "RenderSubmit",
+  "Span",
+  "SpanSource",
+  "ToolCallRecord",
+  "Trajectory",
+  "TurnRecord",
+  "episode_sampling_params",
+  "force_answer_tokens",
+  "run_episodes",
+  "to_model_inputs",
+  "token_arrays",
+  "worst_case",
+]
 
 OnBudget = Literal["force_answer", "fail"]
 ON_BUDGET: tuple[str, ...] = ("force_answer", "fail")
-# Why an episode ended. The last three are cut-offs (see `Trajectory.truncated`).
-END_REASONS = ("answer", "no_action", "turn_length", "max_turns", "budget")
-SpanSource = Literal["prompt", "policy", "tool", "nudge"]
 
 # A renderer: code -> future of an env.RenderResult (env.submit_chart with a canvas, or
 # env.HtmlRenderer(...).submit).
@@ -94,292 +132,6 @@ def episode_sampling_params(
     top_p=top_p,
     stop_token_ids=tokens.special_token_ids(tokenizer).eos_token_ids,
   )
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-  """The most one episode can take: trajectory tokens, and slots of the lock-step KV cache."""
-
-  tokens: int
-  cache_slots: int
-
-
-def worst_case(
-  *,
-  prompt_tokens: int,
-  max_turns: int,
-  max_new_tokens: int,
-  max_response_tokens: int,
-  force_answer_tokens: int,
-  buckets: Sequence[int] = sampler_lib.DEFAULT_BUCKETS,
-  forcing: bool = True,
-) -> Budget:
-  """What an episode needs so that all `max_turns - 1` feedback rounds always happen.
-
-  The worst case: every turn calls the tool and uses all `max_new_tokens`, every tool response
-  uses all `max_response_tokens`, and the last call is answered by a forced-answer turn
-  (`force_answer_tokens` for the request). Cache slots count the lock-step sampler's padding: the
-  prompt and every appended turn take a whole length bucket. `run_episodes` with
-  `max_total_tokens >= tokens` and a sampler of `cache_length >= cache_slots` never stops a row's
-  tool loop for room.
-  """
-  rounds = max_turns - 1
-  appended = max(max_response_tokens, force_answer_tokens)
-  force = force_answer_tokens + max_new_tokens if forcing else 0
-  force_slots = sampler_lib.bucket_length(force_answer_tokens, buckets) + max_new_tokens
-  return Budget(
-    tokens=prompt_tokens + max_turns * max_new_tokens + rounds * max_response_tokens + force,
-    cache_slots=sampler_lib.bucket_length(prompt_tokens, buckets)
-    + max_turns * max_new_tokens
-    + rounds * sampler_lib.bucket_length(appended, buckets)
-    + (force_slots if forcing else 0),
-  )
-
-
-def force_answer_tokens(tok: tokens.Tokenizer, prompt: str = env.FORCE_ANSWER_PROMPT) -> int:
-  """Tokens appended for a forced answer, at most (after a turn cut before `<|im_end|>`)."""
-  return len(_nudge_ids(tok, prompt, True))
-
-
-# --------------------------------------------------------------------------------------------------
-# Records.
-
-
-@dataclasses.dataclass(frozen=True)
-class Span:
-  """A run of trajectory tokens `[start, end)` and where they came from.
-
-  `source`: 'prompt' (system, target image, instruction, first assistant header), 'policy' (one
-  sampled turn, stop token included), 'tool' (an appended tool-response turn and the next header),
-  'nudge' (the appended forced-answer request). `turn` is the turn the span belongs to (-1: prompt).
-  """
-
-  start: int
-  end: int
-  source: SpanSource
-  turn: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ToolCallRecord:
-  """What happened to one tool call of a turn.
-
-  Attributes:
-    code: the code the parser recovered (None: not executable).
-    call_status: the parser's `CallStatus` value ('ok', a repair, or an error).
-    render_status: the render's status ('ok', 'runtime_error', ...), or None when it was not run
-      (not executable, skipped, or the episode stopped at a limit).
-    render_message: the renderer's message (error text; empty on success).
-    feedback: the judge's feedback text given to the policy (None when not judged).
-    feedback_score: the judge's score in feedback mode, for logging (never shown to the policy
-      unless the judge writes it into `feedback`).
-    draft_score: the judge's 'score'-mode judgement of the render (only when the episodes were
-      played with `score_drafts`; 0 for a draft that did not render).
-    response_status: the appended tool response's status ('ok', 'render_error', 'invalid_call',
-      'skipped'), or None when no response was appended (limit reached).
-    has_image: whether the appended response carries the rendered image.
-  """
-
-  code: str | None
-  call_status: str
-  render_status: str | None = None
-  render_message: str = ""
-  feedback: str | None = None
-  feedback_score: float | None = None
-  response_status: str | None = None
-  has_image: bool = False
-  draft_score: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TurnRecord:
-  """One assistant turn of an episode.
-
-  Attributes:
-    index: turn number (0-based).
-    start, end: the turn's sampled tokens are `token_ids[start:end]`.
-    text: the decoded turn (special tokens kept), as parsed.
-    finish_reason: the sampler's 'stop' or 'length' (the per-turn token cap).
-    parsed: `env.parse_turn`'s result.
-    forced: the turn was sampled after the forced-answer request.
-    tool_calls: one record per parsed tool call.
-    response: `[start, end)` of the turn appended after this one (tool response or nudge), or None.
-  """
-
-  index: int
-  start: int
-  end: int
-  text: str
-  finish_reason: str
-  parsed: env.ParsedTurn
-  forced: bool
-  tool_calls: tuple[ToolCallRecord, ...]
-  response: tuple[int, int] | None
-
-  @property
-  def action(self) -> str:
-    """The parsed action: 'answer', 'tool_call' or 'none'."""
-    return self.parsed.action
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Trajectory:
-  """One finished episode, token-exact.
-
-  Attributes:
-    token_ids: `[L]` int32, the whole conversation as the sampler saw it.
-    loss_mask: `[L]` int32, 1 exactly on sampled tokens (each turn's tokens and its stop token).
-    old_logprobs: `[L]` float32, the sampler's log-probs (at the sampling temperature) where
-      `loss_mask` is 1, else 0.
-    images: `(pixel_values [P, D], image_grid_thw [1, 3])` per image in order of appearance: the
-      target first, then each rendered image shown in a tool response.
-    spans: every token's origin, contiguous and covering `[0, L)`.
-    turns: one record per assistant turn.
-    prompt_index, group_index: the sample is row `prompt_index * G + group_index`.
-    reward: the episode reward and its parts.
-    end_reason: one of END_REASONS ('answer' also after a forced answer).
-    limit: 'max_turns' or 'budget' when the episode ran into a limit (forced or not), else None.
-    forced_answer: a forced-answer turn was sampled.
-    final_render: the render of the final answer's code (None without a closed answer with code).
-    final_judge: the judge's 'score' result on it (None when it did not render).
-    judge_failed: a judge call of this episode failed (`judge_failure='drop'`): its rewards are not
-      on the judge's scale, so its group must not be trained on.
-  """
-
-  token_ids: np.ndarray
-  loss_mask: np.ndarray
-  old_logprobs: np.ndarray
-  images: tuple[tuple[np.ndarray, np.ndarray], ...]
-  spans: tuple[Span, ...]
-  turns: tuple[TurnRecord, ...]
-  prompt_index: int
-  group_index: int
-  reward: env.RewardBreakdown
-  end_reason: str
-  limit: str | None
-  forced_answer: bool
-  final_render: env.RenderResult | None
-  final_judge: env.JudgeResult | None
-  judge_failed: bool = False
-
-  @property
-  def length(self) -> int:
-    """Number of tokens."""
-    return int(self.token_ids.shape[0])
-
-  @property
-  def num_turns(self) -> int:
-    """Assistant turns sampled (a forced answer included)."""
-    return len(self.turns)
-
-  @property
-  def num_policy_tokens(self) -> int:
-    """Sampled tokens (the loss mask's sum)."""
-    return int(self.loss_mask.sum())
-
-  @property
-  def prompt_length(self) -> int:
-    """Tokens of the prompt (the first span)."""
-    return self.spans[0].end
-
-  @property
-  def truncated(self) -> bool:
-    """Cut off by a limit without a final answer (a turn's token cap, max_turns or the budget)."""
-    return self.end_reason in ("turn_length", "max_turns", "budget")
-
-  @property
-  def tool_calls(self) -> int:
-    """Tool calls written over the episode."""
-    return sum(len(t.tool_calls) for t in self.turns)
-
-  @property
-  def first_draft_score(self) -> float | None:
-    """R_vision of the first turn's code: its tool call's 'score'-mode judgement, or the answer's.
-
-    None when the first turn called the tool but the episode was not played with `score_drafts`.
-    A first turn with neither a runnable call nor an answer scores 0.
-    """
-    first = self.turns[0] if self.turns else None
-    if first is None or first.action == "none":
-      return 0.0
-    if first.action == "answer":
-      return self.reward.vision
-    record = first.tool_calls[0]
-    if record.code is None or record.render_status is None:
-      return 0.0 if record.code is None else record.draft_score
-    return record.draft_score if record.render_status == "ok" else 0.0
-
-
-@dataclasses.dataclass
-class EpisodeStats:
-  """Counters and per-stage timings of one `run_episodes` call.
-
-  Wall seconds: `wall_s` the whole call; `sample_s` inside sampler calls (prefill, fork, decode,
-  append: the device's work); `host_wait_s` blocked on renders/judges with the device idle;
-  `prepare_s` building prompts. `render_s` and `judge_s` are summed over all renders / judge calls
-  (submit to result for renders, queueing included), so with concurrency they can exceed `wall_s`.
-  """
-
-  episodes: int = 0
-  decode_calls: int = 0
-  turns: int = 0
-  policy_tokens: int = 0
-  appended_tokens: int = 0
-  tool_calls: int = 0
-  renders: int = 0
-  renders_ok: int = 0
-  final_renders: int = 0
-  final_renders_ok: int = 0
-  judge_calls: int = 0
-  forced_answers: int = 0
-  hit_max_turns: int = 0
-  hit_budget: int = 0
-  truncated: int = 0
-  judge_failures: int = 0
-  # KV cache slots held at the peak: the lock-step cache's rows x offset; the paged pool's pages.
-  kv_slots_peak: int = 0
-  wall_s: float = 0.0
-  prepare_s: float = 0.0
-  sample_s: float = 0.0
-  host_wait_s: float = 0.0
-  render_s: float = 0.0
-  judge_s: float = 0.0
-
-  @property
-  def device_idle_fraction(self) -> float:
-    """Share of the wall time the device had no sampler work (host work and waiting)."""
-    return max(0.0, 1.0 - self.sample_s / self.wall_s) if self.wall_s > 0 else 0.0
-
-  @property
-  def host_wait_fraction(self) -> float:
-    """Share of the wall time the driver blocked on renders / judges with the device idle."""
-    return self.host_wait_s / self.wall_s if self.wall_s > 0 else 0.0
-
-  def as_dict(self, prefix: str = "rollout/") -> dict[str, float]:
-    """Flat numbers for metrics logging."""
-    out = {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self)}
-    out[f"{prefix}device_idle_fraction"] = self.device_idle_fraction
-    out[f"{prefix}host_wait_fraction"] = self.host_wait_fraction
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class EpisodeBatch:
-  """What `run_episodes` returns: trajectories (row `b * G + g`) and the call's stats."""
-
-  trajectories: list[Trajectory]
-  stats: EpisodeStats
-  group_size: int
-
-  @property
-  def rewards(self) -> np.ndarray:
-    """float64 `[N]` total rewards, in row order (groups of `group_size` consecutive rows)."""
-    return np.asarray([t.reward.total for t in self.trajectories], np.float64)
-
-  @property
-  def truncated(self) -> np.ndarray:
-    """bool `[N]` rows cut off by a limit without a final answer (for overlong filtering)."""
-    return np.asarray([t.truncated for t in self.trajectories], bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -846,7 +598,7 @@ class _Driver:
     self.im_end = tokens.token_id(tok, tokens.IM_END)
     # The forced-answer request, after a turn that stopped at <|im_end|> (False) or did not (True).
     self.nudge_ids = {
-      close: _nudge_ids(tok, self.force_answer_prompt, close) for close in (False, True)
+      close: nudge_ids(tok, self.force_answer_prompt, close) for close in (False, True)
     }
     # Room a normal turn leaves for a forced answer after it: tokens, and cache slots.
     longest = len(self.nudge_ids[True])
@@ -1052,13 +804,6 @@ def _draft_score(outcome: _Outcome | None) -> float | None:
   return outcome.draft_score
 
 
-def _nudge_ids(tok: tokens.Tokenizer, prompt: str, close_open_turn: bool) -> np.ndarray:
-  """Tokens of the forced-answer request appended after a turn (and the next header)."""
-  nudge = [{"role": "user", "content": prompt}]
-  piece = chat.append_turn_ids(tok, nudge, close_open_turn=close_open_turn)
-  return piece.input_ids
-
-
 def _not_run(row: _Row, record: _Turn) -> None:
   """Records the turn's tool calls as not run."""
   for call in record.parsed.tool_calls:
@@ -1143,80 +888,3 @@ def _finish(row: _Row, final: _Outcome | None, config: env.RewardConfig, stats) 
   stats.hit_budget += int(trajectory.limit == "budget")
   stats.truncated += int(trajectory.truncated)
   return trajectory
-
-
-# --------------------------------------------------------------------------------------------------
-# Training arrays.
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PolicyBatch:
-  """Padded trajectories for the policy loss; position t predicts token t + 1.
-
-  Attributes:
-    inputs: model inputs `[B, T]` (ids, attention mask, M-RoPE positions, every image's patches).
-    targets: `[B, T]` int32, the token after each position (pad id past the end).
-    loss_mask: `[B, T]` float32, 1 where `targets` is a sampled (policy) token.
-    old_logprobs: `[B, T]` float32, the sampler's log-prob of `targets` where `loss_mask` is 1.
-  """
-
-  inputs: ModelInputs
-  targets: Any
-  loss_mask: Any
-  old_logprobs: Any
-
-
-def token_arrays(
-  trajectories: Sequence[Trajectory], length: int, pad_id: int
-) -> tuple[np.ndarray, ...]:
-  """(ids, attention mask, targets, loss mask, old log-probs), each `[B, length]`, right-padded.
-
-  Shifted for next-token training: position t's target is token t + 1, and its loss mask and old
-  log-prob are that token's.
-  """
-  batch = len(trajectories)
-  ids = np.full((batch, length), pad_id, np.int32)
-  attention = np.zeros((batch, length), np.int32)
-  targets = np.full((batch, length), pad_id, np.int32)
-  loss_mask = np.zeros((batch, length), np.float32)
-  old = np.zeros((batch, length), np.float32)
-  for i, t in enumerate(trajectories):
-    n = t.length
-    if n > length:
-      raise ValueError(
-        f"trajectory {i} (prompt {t.prompt_index}, sample {t.group_index}) has {n} tokens, more "
-        f"than the batch length {length}"
-      )
-    ids[i, :n] = t.token_ids
-    attention[i, :n] = 1
-    targets[i, : n - 1] = t.token_ids[1:]
-    loss_mask[i, : n - 1] = t.loss_mask[1:]
-    old[i, : n - 1] = t.old_logprobs[1:]
-  return ids, attention, targets, loss_mask, old
-
-
-def to_model_inputs(
-  cfg: ModelConfig, trajectories: Sequence[Trajectory], length: int, *, pad_id: int = 0
-) -> PolicyBatch:
-  """Right-pads trajectories to `length` tokens and shifts masks and log-probs for next-token loss.
-
-  The log-probs of `targets` from a forward over `inputs` (at the sampling temperature) are the
-  current policy's, comparable with `old_logprobs` wherever `loss_mask` is 1. `pad_id` fills
-  padding (the attention mask hides it; it must not be the image token).
-  """
-  if not trajectories:
-    raise ValueError("to_model_inputs needs at least one trajectory")
-  if pad_id == cfg.image_token_id:
-    raise ValueError(f"pad_id {pad_id} is the image token id")
-  ids, attention, targets, loss_mask, old = token_arrays(trajectories, length, pad_id)
-  pixels = [np.asarray(p) for t in trajectories for p, _ in t.images]
-  grids = [np.asarray(g).reshape(-1, 3) for t in trajectories for _, g in t.images]
-  inputs = prepare_inputs(
-    cfg,
-    ids,
-    attention,
-    np.concatenate(pixels) if pixels else None,
-    np.concatenate(grids) if grids else None,
-  )
-  return PolicyBatch(inputs=inputs, targets=targets, loss_mask=loss_mask, old_logprobs=old)

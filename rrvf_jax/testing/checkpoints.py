@@ -1,8 +1,10 @@
-"""Complete local policy directories (weights, config, tokenizer, image processor) for tests."""
+"""Complete local policy directories (weights, config, tokenizer, image processor) for tests.
+
+`config_for_tokenizer` is `rrvf_jax.components`'s, re-exported for the tests that use it.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -11,23 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rrvf_jax import models
-from rrvf_jax.processing import image, tokens
-from rrvf_jax.testing import tokenizer as tiny_tokenizer
-
-
-def config_for_tokenizer(preset: str, tok: tokens.Tokenizer) -> models.ModelConfig:
-  """The preset with the tokenizer's special token ids and a vocabulary that covers it."""
-  ids = tokens.special_token_ids(tok)
-  cfg = models.get_preset(preset)
-  return cfg.replace(
-    text=dataclasses.replace(cfg.text, vocab_size=max(cfg.text.vocab_size, ids.vocab_size)),
-    image_token_id=ids.image_token_id,
-    video_token_id=ids.video_token_id,
-    vision_start_token_id=ids.vision_start_token_id,
-    vision_end_token_id=ids.vision_end_token_id,
-    bos_token_id=ids.endoftext,
-    eos_token_id=ids.im_end,
-  )
+from rrvf_jax.components import config_for_tokenizer
+from rrvf_jax.processing import image, tiny_tokenizer, tokens
 
 
 def make_tiny_policy_dir(

@@ -28,7 +28,8 @@ from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.models.qwen_vl.model import ModelInputs
 from rrvf_jax.processing import tokens
 from rrvf_jax.rl import algorithms, dynamic_sampling
-from rrvf_jax.rollout import episode, paged, sampling
+from rrvf_jax.rollout import batch as rollout_batch
+from rrvf_jax.rollout import episode, paged, records, sampling
 from rrvf_jax.rollout import sampler as sampler_lib
 from rrvf_jax.train import batch as batch_lib
 from rrvf_jax.train import optim, sft_loop, step
@@ -85,7 +86,7 @@ class GRPOBatch:
 
 def make_grpo_batch(
   cfg: ModelConfig,
-  trajectories: Sequence[episode.Trajectory],
+  trajectories: Sequence[records.Trajectory],
   advantages: np.ndarray,
   *,
   length: int,
@@ -97,7 +98,7 @@ def make_grpo_batch(
 
   `loss_mask_rows` `[B]` (optional) zeroes whole rows (overlong filtering, filler groups).
   """
-  ids, mask, targets, loss_mask, old = episode.token_arrays(trajectories, length, pad_id)
+  ids, mask, targets, loss_mask, old = rollout_batch.token_arrays(trajectories, length, pad_id)
   if loss_mask_rows is not None:
     loss_mask *= np.asarray(loss_mask_rows, np.float32)[:, None]
   for b, t in enumerate(trajectories):
@@ -240,7 +241,7 @@ def play(
   key,
   first_row: int = 0,
   score_drafts: bool = False,
-) -> episode.EpisodeBatch:
+) -> records.EpisodeBatch:
   """Episodes on target images with the stage's prompts and limits (row ids from `first_row`)."""
   c = stage.config.grpo
   drop = stage.config.judge.get("on_unavailable", "wait") == "drop_group"
@@ -277,7 +278,7 @@ def to_sampler_mesh(stage: sft_loop.Stage, params):
 def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int | None = None):
   """(sampler on this host's sampler mesh, `update(params)` that gives it the trainer's weights).
 
-  `cache_length` None: the stage's (`pipeline.episode_budget`), else `grpo.max_total_tokens`.
+  `cache_length` None: the stage's (`components.episode_budget`), else `grpo.max_total_tokens`.
   """
   c = stage.config.grpo
   model = nnx.merge(graphdef, to_sampler_mesh(stage, params))
@@ -315,7 +316,7 @@ def max_over_hosts(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
-def episode_summary(trajectories: Sequence[episode.Trajectory]) -> dict[str, float]:
+def episode_summary(trajectories: Sequence[records.Trajectory]) -> dict[str, float]:
   """Means over episodes: reward parts, final exec rate, turns, tool calls, policy tokens.
 
   `r_vision_first` (the first draft's R_vision; see `Trajectory.first_draft_score`) is there when
@@ -578,7 +579,7 @@ def _loop(
   return state
 
 
-def judged_groups(trajectories: Sequence[episode.Trajectory], group_size: int) -> np.ndarray:
+def judged_groups(trajectories: Sequence[records.Trajectory], group_size: int) -> np.ndarray:
   """1.0 per group whose rewards all come from the judge, 0.0 where a judge call failed.
 
   A group with a failed judge call would compare rewards of two scales (or an unjudged 0), so it

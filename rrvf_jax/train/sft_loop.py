@@ -70,7 +70,7 @@ class Stage:
   system_prompt: str | None
   tools: tuple[dict[str, Any], ...] | None = None  # the render tool's schema in the system prompt
   sampler_mesh: Mesh | None = None  # this host's sampler mesh (None: the trainer's `mesh`)
-  # Cache length of the episodes' sampler (`pipeline.episode_budget`; None: grpo.max_total_tokens).
+  # The episodes' sampler cache length (`components.episode_budget`; None: grpo.max_total_tokens).
   cache_length: int | None = None
 
 

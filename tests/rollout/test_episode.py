@@ -21,6 +21,8 @@ from rrvf_jax import env
 from rrvf_jax.models.qwen_vl import model as model_lib
 from rrvf_jax.processing import chat, tokens
 from rrvf_jax.rollout import SamplerStats, SamplingParams, episode
+from rrvf_jax.rollout import batch as rollout_batch
+from rrvf_jax.rollout import budget as budget_lib
 from rrvf_jax.rollout.sampler import Completion, bucket_length
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing.prompts import random_image
@@ -465,7 +467,7 @@ def test_to_model_inputs_shifts_for_next_token_training(tok, judge):
   cfg = checkpoints.config_for_tokenizer("tiny", tok)
   length = max(t.length for t in trajectories) + 5
   pad = tokens.special_token_ids(tok).pad_token_id
-  out = episode.to_model_inputs(cfg, trajectories, length, pad_id=pad)
+  out = rollout_batch.to_model_inputs(cfg, trajectories, length, pad_id=pad)
   assert out.targets.shape == out.loss_mask.shape == out.old_logprobs.shape == (2, length)
   for i, t in enumerate(trajectories):
     n = t.length
@@ -481,7 +483,7 @@ def test_to_model_inputs_shifts_for_next_token_training(tok, judge):
     p.shape[0] for t in trajectories for p, _ in t.images
   )
   with pytest.raises(ValueError, match=r"trajectory 0 \(prompt 0, sample 0\) has \d+ tokens"):
-    episode.to_model_inputs(cfg, trajectories, trajectories[0].length - 1)
+    rollout_batch.to_model_inputs(cfg, trajectories, trajectories[0].length - 1)
 
 
 def log_softmax(logits) -> np.ndarray:
@@ -527,7 +529,7 @@ def test_real_sampler_logprobs_equal_full_forward_over_training_arrays(model, to
 
   length = bucket_length(max(t.length for t in trajectories), (256, 512, 1024))
   pad = tokens.special_token_ids(tok).pad_token_id
-  data = episode.to_model_inputs(model.config, trajectories, length, pad_id=pad)
+  data = rollout_batch.to_model_inputs(model.config, trajectories, length, pad_id=pad)
   log_probs = log_softmax(model_lib.jit_forward(model, data.inputs))
   current = np.take_along_axis(log_probs, data.targets[..., None].astype(np.int64), -1)[..., 0]
   mask = data.loss_mask > 0
@@ -589,12 +591,12 @@ def test_worst_case_budget_gives_every_row_all_its_feedback_rounds(tok, judge):
   filler = "x = 1\n" * 40  # longer than NEW_TOKENS: each call is cut at the turn cap
   scripts = [[call(f"plt.plot([{k}])\n{filler}") for k in range(max_turns + 1)]] * 2
   probe, _, _ = play(tok, judge, [[answer("x")]])
-  budget = episode.worst_case(
+  budget = budget_lib.worst_case(
     prompt_tokens=probe.trajectories[0].prompt_length,
     max_turns=max_turns,
     max_new_tokens=NEW_TOKENS,
     max_response_tokens=cap,
-    force_answer_tokens=episode.force_answer_tokens(tok),
+    force_answer_tokens=budget_lib.force_answer_tokens(tok),
     buckets=FAKE_BUCKETS,
   )
   batch, _, _ = play(
