@@ -513,6 +513,10 @@ def _play_paged(driver, sampler, prompts, rows, host, sampling, key, first_row, 
   renders and judge calls then run while the other rows decode, and its tool response is appended
   at its own position as soon as they are done. Each row has its own budget; none waits for or is
   cut by another. Row r's turn t samples with `fold_in(fold_in(key, t), first_row + r)`.
+
+  With a pool smaller than every row's budget (`num_pages`), a row whose next step needs pages
+  the pool does not have waits (its pages kept) until finished rows free some; when no row can
+  move, a `PoolExhaustedError` says how many pages were missing.
   """
   total = len(rows)
   sampler.start(total)
@@ -521,60 +525,134 @@ def _play_paged(driver, sampler, prompts, rows, host, sampling, key, first_row, 
       f"max_total_tokens={driver.budget} but the PagedSampler's pool holds "
       f"{sampler.cache_length} tokens; build it with more pages"
     )
-  parents = list(range(0, total, group_size))
-  driver.timed(sampler.prefill, parents, prompts)
-  for p in parents:
-    if group_size > 1:
-      driver.timed(sampler.fork, p, list(range(p + 1, p + group_size)))
-  turn_of = [0] * total
-  ready = collections.deque(range(total))  # rows whose next turn can be decoded
-  running: list[paged.TurnState] = []
-  waiting: list[int] = []  # rows whose renders are not done yet
-  while ready or running or waiting:
-    done = [r for r in waiting if all(f.done() for _, f in rows[r].pending)]
-    if done:
-      waiting = [r for r in waiting if r not in done]
-      _append_ready(driver, sampler, rows, done, turn_of, ready)
-    while ready and len(running) < sampler.slots:
-      r = ready.popleft()
-      turn_key = sampler.turn_key(key, turn_of[r], first_row + r)
-      running.append(paged.TurnState(r, turn_key, sampling.max_new_tokens))
-    if running:
-      driver.timed(sampler.decode, running, sampling, yield_on_done=True)
+  loop = _PagedLoop(driver, sampler, rows, [0] * total, key, first_row, sampling.max_new_tokens)
+  loop.prompts.extend(enumerate(prompts))
+  loop.group_size = group_size
+  while loop.prompts or loop.ready or loop.running or loop.waiting:
+    loop.append_finished_renders()
+    loop.start_prompts()
+    loop.fill_slots()
+    if loop.running:
+      driver.timed(sampler.decode, loop.running, sampling, yield_on_done=True)
       driver.stats.decode_calls += 1
-      for t in [t for t in running if t.done]:
-        row = rows[t.row]
-        driver.take_turn(row, sampler.completion(t, sampling.stop_strings), turn_of[t.row], host)
-        if row.state == "done":
-          sampler.release(t.row)
-        else:
-          waiting.append(t.row)
-      running = [t for t in running if not t.done]
-    elif waiting:  # nothing to decode: wait for the first render to finish
-      start = time.perf_counter()
-      futures = [f for r in waiting for _, f in rows[r].pending]
+      loop.end_turns(host, sampling.stop_strings)
+    elif any(f for r in loop.waiting for _, f in rows[r].pending if not f.done()):
+      start = time.perf_counter()  # nothing to decode: wait for the first render to finish
+      futures = [f for r in loop.waiting for _, f in rows[r].pending]
       concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
       driver.stats.host_wait_s += time.perf_counter() - start
+    elif loop.prompts or loop.ready or loop.waiting:
+      raise paged.PoolExhaustedError(
+        f"no row can continue: the page pool ({sampler.num_pages} pages of {sampler.page_size}) "
+        f"is full ({sampler.allocator.free} free); build the PagedSampler with more pages"
+      )
   driver.stats.kv_slots_peak = sampler.allocator.peak_used * sampler.page_size
 
 
-def _append_ready(driver, sampler, rows, ready_rows, turn_of, ready) -> None:
-  """Appends the tool responses (or forced-answer requests) of rows whose renders are done."""
-  appended, segments = [], []
-  for r in ready_rows:
-    row = rows[r]
-    segment, _ = driver.row_segment(row)
-    if len(segment.token_ids):
-      driver.record_appended(row, segment, turn_of[r])
-    turn_of[r] += 1
-    if row.state == "done":
-      sampler.release(r)
-      continue
-    appended.append(r)
-    segments.append(segment)
-  if appended:
-    driver.timed(sampler.append, appended, segments)
-    ready.extend(appended)
+@dataclasses.dataclass
+class _PagedLoop:
+  """The continuous-batching loop's queues: turns ready to decode and decoding, rows waiting."""
+
+  driver: Any
+  sampler: Any
+  rows: list
+  turn_of: list[int]
+  key: jax.Array
+  first_row: int
+  max_new_tokens: int
+  ready: collections.deque = dataclasses.field(default_factory=collections.deque)
+  running: list = dataclasses.field(default_factory=list)
+  waiting: list[int] = dataclasses.field(default_factory=list)
+  # Appended turns built (and recorded) but not yet in the pool, which had no pages for them.
+  segments: dict = dataclasses.field(default_factory=dict)
+  # Prompts not yet prefilled, (index, segment); the G rows of prompt b are b*G .. b*G+G-1.
+  prompts: collections.deque = dataclasses.field(default_factory=collections.deque)
+  group_size: int = 1
+
+  def start_prompts(self) -> None:
+    """Prefills (in one call) and forks the waiting prompts the pool has pages for."""
+    free = self.sampler.allocator.free - sum(self.step_pages(t) for t in self.running)
+    chosen = []
+    while self.prompts:
+      b, prompt = self.prompts[0]
+      pages = -(-len(prompt.token_ids) // self.sampler.page_size) + self.group_size - 1
+      if pages > free:
+        break
+      free -= pages
+      chosen.append(self.prompts.popleft())
+    if not chosen:
+      return
+    g = self.group_size
+    self.driver.timed(self.sampler.prefill, [b * g for b, _ in chosen], [p for _, p in chosen])
+    for b, _ in chosen:
+      if g > 1:
+        self.driver.timed(self.sampler.fork, b * g, list(range(b * g + 1, b * g + g)))
+      for r in range(b * g, b * g + g):
+        self.make_ready(r)
+
+  def make_ready(self, r: int) -> None:
+    """Queues the row's next turn (its key: the turn index and the row's global id)."""
+    turn_key = self.sampler.turn_key(self.key, self.turn_of[r], self.first_row + r)
+    self.ready.append(paged.TurnState(r, turn_key, self.max_new_tokens))
+
+  def step_pages(self, turn) -> int:
+    """Pages the turn's row needs for its next decode call."""
+    steps = min(turn.budget - len(turn.token_ids), self.sampler.decode_steps)
+    return self.sampler.pages_needed(turn.row, self.sampler.rows[turn.row].length + steps)
+
+  def fill_slots(self) -> None:
+    """Moves ready turns into free decode slots while the pool has pages for their next call."""
+    needed = sum(self.step_pages(t) for t in self.running)
+    while self.ready and len(self.running) < self.sampler.slots:
+      if needed + self.step_pages(self.ready[0]) > self.sampler.allocator.free:
+        break
+      needed += self.step_pages(self.ready[0])
+      self.running.append(self.ready.popleft())
+    while needed > self.sampler.allocator.free:  # turns that cannot grow wait, keeping their pages
+      turn = self.running.pop()
+      needed -= self.step_pages(turn)
+      self.ready.appendleft(turn)
+
+  def end_turns(self, host, stop_strings) -> None:
+    """Rows whose turn ended leave the slots: their renders start, or they end and free pages."""
+    for t in [t for t in self.running if t.done]:
+      row = self.rows[t.row]
+      completion = self.sampler.completion(t, stop_strings)
+      self.driver.take_turn(row, completion, self.turn_of[t.row], host)
+      if row.state == "done":
+        self.sampler.release(t.row)
+      else:
+        self.waiting.append(t.row)
+    self.running = [t for t in self.running if not t.done]
+
+  def append_finished_renders(self) -> None:
+    """Appends the tool responses (or forced-answer requests) of rows whose renders are done."""
+    finished = [r for r in self.waiting if all(f.done() for _, f in self.rows[r].pending)]
+    appended, segments = [], []
+    free = self.sampler.allocator.free
+    for r in finished:
+      if r not in self.segments:
+        segment, _ = self.driver.row_segment(self.rows[r])
+        if len(segment.token_ids):
+          self.driver.record_appended(self.rows[r], segment, self.turn_of[r])
+        self.segments[r] = segment
+      length = self.sampler.rows[r].length + len(self.segments[r].token_ids)
+      need = self.sampler.pages_needed(r, length)
+      if need > free:
+        continue  # the pool cannot hold it yet
+      free -= need
+      segment = self.segments.pop(r)
+      self.waiting.remove(r)
+      self.turn_of[r] += 1
+      if self.rows[r].state == "done":
+        self.sampler.release(r)
+        continue
+      appended.append(r)
+      segments.append(segment)
+    if appended:
+      self.driver.timed(self.sampler.append, appended, segments)
+      for r in appended:
+        self.make_ready(r)
 
 
 @dataclasses.dataclass
@@ -624,6 +702,8 @@ class _Driver:
           f"{self.reserve} tokens reserved for a forced answer it needs max_total_tokens >= "
           f"{need}, got {self.budget}"
         )
+    if isinstance(self.sampler, paged.PagedSampler):
+      return  # no shared cache: each row's pages hold its own budget (checked at the start)
     longest = max(len(p.token_ids) for p in prompts)
     buckets = self.sampler.buckets
     need = sampler_lib.bucket_length(longest, buckets) + self.new_tokens + self.reserve_slots

@@ -23,6 +23,7 @@ from rrvf_jax.processing import chat, tokens
 from rrvf_jax.rollout import SamplerStats, SamplingParams, episode
 from rrvf_jax.rollout import batch as rollout_batch
 from rrvf_jax.rollout import budget as budget_lib
+from rrvf_jax.rollout.paged import PoolExhaustedError
 from rrvf_jax.rollout.sampler import Completion, bucket_length
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing.prompts import random_image
@@ -736,3 +737,35 @@ def test_paged_engine_gives_every_row_its_rounds_with_a_pool_of_tokens(model, to
     assert (t.limit, t.num_turns, t.forced_answer) == ("max_turns", max_turns + 1, True)
     assert sum(c.response_status is not None for turn in t.turns for c in turn.tool_calls) == 2
     assert t.length <= budget.tokens
+
+
+def test_a_small_pool_makes_rows_wait_not_change(model, tok, judge):
+  # A pool for about one of the four rows: rows wait for pages that finished rows free, and every
+  # row's trajectory is what it is with room for all (each row samples with its own keys).
+  scripts = [
+    [call("plt.plot([1])"), answer("plt.plot([2])")],
+    [call("plt.plot([3])"), call("plt.plot([4])"), answer("plt.plot([5])")],
+    [answer("plt.plot([6])")],
+    [call("plt.plot([7])"), answer("plt.plot([8])")],
+  ]
+  limits = {"max_turns": 3, "max_total_tokens": 300}
+  roomy, _ = paged_play(model, tok, judge, scripts, 2, 2, **limits)
+  lengths = [t.length for t in roomy.trajectories]
+  assert max(lengths) <= 300 and sum(lengths) > 2 * 320  # the small pool holds 320 tokens
+  small, sampler = paged_play(model, tok, judge, scripts, 2, 2, engine={"num_pages": 41}, **limits)
+  for a, b in zip(roomy.trajectories, small.trajectories, strict=True):
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    # Other batch and page-table shapes round differently (the tokens are the same).
+    np.testing.assert_allclose(a.old_logprobs, b.old_logprobs, atol=1e-5, rtol=0)
+  assert small.stats.kv_slots_peak <= 320 < roomy.stats.kv_slots_peak
+  assert sampler.allocator.used == 0
+
+
+def test_rows_stuck_on_a_full_pool_are_a_clear_error(model, tok, judge):
+  # One row's budget fits the pool, but four rows grow at once and none can finish (rows are
+  # not preempted and recomputed: they wait for pages, and here none is ever freed).
+  scripts = [[call("plt.plot([1])"), call("plt.plot([2])"), answer("plt.plot([3])")]] * 4
+  with pytest.raises(PoolExhaustedError, match="no row can continue: the page pool"):
+    paged_play(
+      model, tok, judge, scripts, 1, 4, engine={"num_pages": 39}, max_turns=3, max_total_tokens=300
+    )
