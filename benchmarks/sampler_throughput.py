@@ -1,6 +1,7 @@
-"""Decode throughput: our jitted KV-cache sampler vs transformers' PyTorch `generate` on one CPU.
+"""Decode throughput: our jitted KV-cache samplers vs transformers' PyTorch `generate` on one CPU.
 
-Both generate `--new` tokens (greedy, no early stop) for a batch of image+text prompts with a
+Both engines (lock-step `Sampler`, paged `PagedSampler`) and transformers generate `--new` tokens
+(greedy, no early stop) for a batch of image+text prompts with a
 ~100M-parameter preset of the chosen family (`small` for Qwen2.5-VL, `small-qwen3-vl` for Qwen3-VL;
 same random weights, made by transformers and loaded with `from_hf`). Then the prefill-sharing
 saving of group sampling: one prefill per prompt and a fork to G rows, against prefilling each
@@ -132,9 +133,19 @@ def main():
     jax.block_until_ready(session.state)
     return np.stack([c.token_ids for c in completions])
 
+  paged = rollout.PagedSampler(ours, tok, row_tokens=sampler.cache_length, decode_steps=args.new)
+
+  def run_paged():
+    completions = paged.sample(prompts, greedy, jax.random.key(0))
+    jax.block_until_ready(paged.state)
+    return np.stack([c.token_ids for c in completions])
+
   run_hf = hf_generate_fn(hf, prompts, sampler.pad_id, cfg.image_token_id, args.new)
-  same = bool(np.array_equal(run_ours(), run_hf()))
+  expected = run_hf()
+  same = bool(np.array_equal(run_ours(), expected))
+  same_paged = bool(np.array_equal(run_paged(), expected))
   ours_s = seconds(run_ours, args.iters)
+  paged_s = seconds(run_paged, args.iters)
   hf_s = seconds(run_hf, args.iters)
   new_tokens = args.batch * args.new
 
@@ -160,12 +171,16 @@ def main():
   print(
     f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
     f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-    f"transformers {transformers.__version__}, float32; same tokens: {same}"
+    f"transformers {transformers.__version__}, float32; same tokens: lock-step {same}, "
+    f"paged {same_paged}"
   )
   print(f"{'implementation':<34}{'s / batch':>10}{'new tokens / s':>16}")
   print(f"{'rrvf_jax Sampler (jit, KV cache)':<34}{ours_s:>10.2f}{new_tokens / ours_s:>16.1f}")
+  print(f"{'rrvf_jax PagedSampler (jit, pages)':<34}{paged_s:>10.2f}{new_tokens / paged_s:>16.1f}")
   print(f"{'transformers generate (PyTorch)':<34}{hf_s:>10.2f}{new_tokens / hf_s:>16.1f}")
-  print(f"ratio (rrvf_jax / transformers): {hf_s / ours_s:.2f}x")
+  print(
+    f"ratio (rrvf_jax / transformers): lock-step {hf_s / ours_s:.2f}x, paged {hf_s / paged_s:.2f}x"
+  )
   print(
     f"Group sampling, {args.group_prompts} prompts x G={args.group}: prefill once + fork "
     f"{fork_s:.3f} s vs prefill every copy {each_s:.3f} s "

@@ -81,9 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 29,552 for charts at 672x672). The method notes' ~16k holds 5 turns only if they are short.
   c.grpo.max_total_tokens = 30720
   c.grpo.on_budget = "force_answer"  # At a limit: force_answer (ask for the answer) or fail.
-  # Rollout engine: lock_step (one shared KV cache, the batch decodes turn by turn) or paged (every
-  # row its own pages and budget, continuous batching through decode slots; rollout/paged.py).
-  c.grpo.engine = "lock_step"
+  # Rollout engine: paged (every row its own KV pages and budget, continuous batching through
+  # decode slots; rollout/paged.py) or lock_step (one shared cache, the batch decodes turn by turn).
+  c.grpo.engine = "paged"
   c.grpo.page_size = 16  # paged: tokens per KV page.
   c.grpo.decode_slots = 0  # paged: rows decoded together at most (0: every row of the rollout).
   c.grpo.decode_steps = 64  # paged: decode steps per call at most (a finished row leaves sooner).

@@ -143,9 +143,14 @@ def test_grpo_stage_logs_what_it_did(tmp_path, data_dir):
   assert {"2"} <= set(os.listdir(tmp_path / "grpo" / "checkpoints"))
 
 
-def test_grpo_stage_on_the_paged_engine(tmp_path, data_dir):
-  # Rows stream through 4 decode slots, 8 tokens a call: the trainer's log-probs still agree.
-  engine = ["--config.grpo.engine=paged", "--config.grpo.decode_slots=4"]
+def test_grpo_stage_on_the_lock_step_engine_and_few_paged_slots(tmp_path, data_dir):
+  # The lock-step engine, and the paged one (the default) with rows streaming through 4 decode
+  # slots, 8 tokens a call: the trainer's log-probs agree with the sampler's on both.
+  lock = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL, "--config.grpo.engine=lock_step"])
+  pipeline.run(lock, str(tmp_path / "lock"))
+  records = metrics.read_jsonl(tmp_path / "lock" / "grpo" / "metrics.jsonl")
+  assert max(r["grpo/logprob_mismatch_max"] for r in records) < 1e-3
+  engine = ["--config.grpo.decode_slots=4"]
   config = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL, *engine])
   config.grpo.decode_steps = 8
   summary = pipeline.run(config, str(tmp_path))
