@@ -11,7 +11,7 @@ import pytest
 
 from rrvf_jax import models
 from rrvf_jax.processing import image, tokens
-from rrvf_jax.rollout import Sampler, SamplingParams, Segment
+from rrvf_jax.rollout import PagedSampler, Sampler, SamplingParams, Segment
 from rrvf_jax.testing import checkpoints
 from rrvf_jax.testing.prompts import (
   feedback_turn,
@@ -121,3 +121,43 @@ def test_forked_turns_with_new_images_equal_full_forwards(model, tok, sampler, p
       ]
       np.testing.assert_allclose(sampled.logprobs, expected, atol=1e-4, rtol=0)
     np.testing.assert_allclose(next_token[b], log_probs[starts[3] - 1], atol=1e-4, rtol=0)
+
+
+def test_paged_engine_with_deepstack_equals_full_forwards(model, tok, sampler, prompts):
+  """The paged engine on Qwen3-VL: greedy ids as the lock-step engine's, and a forked, appended
+  turn with new images (DeepStack at the appended image tokens) as a re-prefill."""
+  paged = PagedSampler(
+    model, tok, row_tokens=384, buckets=(64, 128), page_size=8, decode_slots=2, decode_steps=8
+  )
+  _, expected = sampler.generate(sampler.prefill(prompts), GREEDY, jax.random.key(0))
+  for want, got in zip(expected, paged.sample(prompts, GREEDY, jax.random.key(0)), strict=True):
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+
+  # A sampled image placeholder has no image behind it (the trainer bans it too).
+  banned = tokens.token_id(tok, tokens.IMAGE_PAD)
+  params = dataclasses.replace(SAMPLED, banned_token_ids=(banned,))
+  paged.start(4)
+  paged.prefill([0, 2], prompts[:2])
+  paged.fork(0, [1])
+  paged.fork(2, [3])
+  first = paged.generate_turns([0, 1, 2, 3], params, jax.random.key(1))
+  rows = [prompts[0], prompts[0], prompts[1], prompts[1]]
+  feedback = [
+    feedback_turn(tok, "the bars are too dark", random_image(10, 64, 64), True, PROC),
+    feedback_turn(tok, "render failed: NameError", None, True, PROC),
+    feedback_turn(tok, "closer; fix the title", random_image(11, 96, 64), True, PROC),
+    feedback_turn(tok, "almost", random_image(12, 64, 128), True, PROC),
+  ]
+  paged.append([0, 1, 2, 3], feedback)
+  second = paged.generate_turns([0, 1, 2, 3], params, jax.random.key(2), turn=1)
+  for prompt, reply, turn, completion in zip(rows, first, feedback, second, strict=True):
+    context = [prompt, Segment(reply.token_ids), turn]
+    log_probs = full_log_probs(model, [*context, Segment(completion.token_ids)])
+    # The sampler reports log-probs of the law without the banned token: renormalise.
+    log_probs -= np.log1p(-np.exp(log_probs[:, banned]))[:, None]
+    starts = np.cumsum([0] + [len(s.token_ids) for s in context])
+    for start, sampled in ((starts[1], reply), (starts[3], completion)):
+      expected_lp = log_probs[
+        np.arange(start - 1, start - 1 + len(sampled.token_ids)), sampled.token_ids
+      ]
+      np.testing.assert_allclose(sampled.logprobs, expected_lp, atol=1e-4, rtol=0)
