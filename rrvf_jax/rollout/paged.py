@@ -37,9 +37,9 @@ from rrvf_jax.rollout.sampler import (
   Completion,
   SamplerBase,
   Segment,
-  _first_stop,
-  _pad_rows,
   bucket_length,
+  first_stop,
+  pad_rows,
 )
 
 
@@ -295,10 +295,9 @@ class PagedSampler(SamplerBase):
     length = bucket_length(max(len(i) for i in ids_list), self.buckets)
     for r, ids in zip(rows, ids_list, strict=True):
       self._reserve(r, self.rows[r].length + len(ids))
-    pad_rows = batch - len(work)
-    ids = _pad_rows(ids_list + [np.zeros((0,), np.int32)] * pad_rows, length, self.pad_id)
-    mask = _pad_rows([np.ones_like(i) for i in ids_list] + [np.zeros((0,), np.int32)] * pad_rows,
-                     length, 0)  # fmt: skip
+    empty = [np.zeros((0,), np.int32)] * (batch - len(work))
+    ids = pad_rows(ids_list + empty, length, self.pad_id)
+    mask = pad_rows([np.ones_like(i) for i in ids_list] + empty, length, 0)
     starts = np.zeros((batch,), np.int32)
     starts[: len(rows)] = [self.rows[r].length for r in rows]
     next_positions = np.zeros((batch,), np.int32)
@@ -440,7 +439,7 @@ class PagedSampler(SamplerBase):
     """A finished turn as a `Completion`, cut after its first stop string (and forgotten after)."""
     ids = np.asarray(turn.token_ids, np.int32)
     n = len(ids)
-    cut = _first_stop(self.tokenizer, ids, stop_strings)
+    cut = first_stop(self.tokenizer, ids, stop_strings)
     reason = "stop" if turn.stopped or cut is not None else "length"
     if cut is not None and cut < n:
       self.truncate(turn.row, n - cut)

@@ -94,7 +94,7 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
   return -(-length // top) * top
 
 
-def _pad_rows(rows: Sequence[np.ndarray], length: int, fill: int) -> np.ndarray:
+def pad_rows(rows: Sequence[np.ndarray], length: int, fill: int) -> np.ndarray:
   out = np.full((len(rows), length), fill, np.int32)
   for i, row in enumerate(rows):
     out[i, : len(row)] = row
@@ -310,8 +310,8 @@ class Sampler(SamplerBase):
       return session
     length = bucket_length(longest, self.buckets)
     self._check_room(session.offset + length, "appending this turn")
-    ids = _pad_rows(ids_list, length, self.pad_id)
-    mask = _pad_rows([np.ones_like(r) for r in ids_list], length, 0)
+    ids = pad_rows(ids_list, length, self.pad_id)
+    mask = pad_rows([np.ones_like(r) for r in ids_list], length, 0)
     positions = self._positions(ids, mask, segments, session)
     features = self._features(segments)
     state = self._run(
@@ -386,7 +386,7 @@ class Sampler(SamplerBase):
     for b in range(len(active)):
       n = int(out.lengths[b])
       ids = np.asarray(out.tokens[b, :n], np.int32)
-      cut = _first_stop(self.tokenizer, ids, stop_strings)
+      cut = first_stop(self.tokenizer, ids, stop_strings)
       reason = "stop" if out.stopped[b] else "length"
       if cut is not None and cut < n:
         n, reason = cut, "stop"
@@ -412,7 +412,7 @@ class Sampler(SamplerBase):
     return completions
 
 
-def _first_stop(tokenizer, ids: np.ndarray, stop_strings: Sequence[str]) -> int | None:
+def first_stop(tokenizer, ids: np.ndarray, stop_strings: Sequence[str]) -> int | None:
   """Fewest leading tokens whose text contains a stop string (None when none occurs)."""
   if not stop_strings or not len(ids):
     return None
