@@ -71,6 +71,21 @@ def test_kernel_equals_the_xla_path_on_scattered_rows(kv_heads, groups, megacore
   assert np.abs(want[keyed]).max() > 0.5  # the outputs are not trivially small
 
 
+def test_rows_go_to_the_kernel_in_groups_its_scalar_memory_holds(monkeypatch):
+  # The kernel keeps its flattened page table in SMEM (1 MiB: 256 rows x 1024 pages overflow it,
+  # as the 7B compile check found): here groups of 2 rows of 4 pages (8 table entries).
+  q, k, v, view = scattered_rows([5, 60, 1, 33, 17], 2, 2, seed=5)
+  assert view.page_table.shape[1] == 4
+  monkeypatch.setattr(paged_kv, "KERNEL_TABLE_ENTRIES", 8)
+  got = paged_kv.attention(q, k, v, view, scale=HEAD_DIM**-0.5, impl="pallas_interpret")
+  jaxpr = jax.make_jaxpr(
+    lambda q: paged_kv.attention(q, k, v, view, scale=HEAD_DIM**-0.5, impl="pallas_interpret")
+  )(q)
+  calls = [e.params["jaxpr"].in_avals[0].shape for e in jaxpr.eqns if e.primitive.name == "jit"]
+  assert calls == [(2, 4, 128), (2, 4, 128), (1, 4, 128)]  # rows 0-1, 2-3, 4
+  np.testing.assert_allclose(got, xla(q, k, v, view), atol=2e-6, rtol=0)
+
+
 def test_the_kernel_reads_float32_pages_as_bfloat16():
   """Why the kernel wants bfloat16 pages: it rounds what it loads (so float32 pages differ)."""
   q, k, v, view = scattered_rows([1, 30, 100], 2, 2, seed=1)

@@ -174,6 +174,10 @@ def _attend(q_btnh, k_kbsh, v_kbsh, mask_bts, *, scale: float) -> jax.Array:
 # Tokens of a row the kernel loads per step at most (pages_per_compute_block x page_size): 2 x 512
 # bfloat16 keys and values of head dim 128, double-buffered, are 0.5 MiB of VMEM.
 KERNEL_BLOCK_TOKENS = 512
+# The kernel prefetches its whole page table (flattened, int32) into SMEM, 1 MiB on v4, v5e, v5p
+# and v6e: 256 rows of 1024 pages overflow it, so rows go to the kernel in groups of at most this
+# many table entries (half of it, the rest for the kernel's other scalars).
+KERNEL_TABLE_ENTRIES = 2**17
 # Device kinds of chips whose device is two TensorCores (megacore): the kernel splits its grid
 # over both only when told to (`megacore_mode`).
 MEGACORE_KINDS = ("TPU v4", "TPU v5")
@@ -214,6 +218,7 @@ def kernel_attention(
   activation rules the kernel runs per device on its kv heads (and rows) in a `shard_map`, as a
   custom call XLA cannot partition. `megacore` is the kernel's `megacore_mode`; 'auto': over kv
   heads or rows on two-TensorCore chips, none elsewhere (and interpreted: one simulated core).
+  Rows go to the kernel in groups whose page tables fit its scalar memory (`KERNEL_TABLE_ENTRIES`).
   """
   # Imported here: Pallas' TPU modules load only where the kernel is used.
   from jax.experimental.pallas import tpu as pltpu
@@ -234,7 +239,7 @@ def kernel_attention(
   mesh = active[0] if active else None
   device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
 
-  def call(q, k_pages, v_pages, lengths, table):
+  def kernel(q, k_pages, v_pages, lengths, table):
     mode = megacore
     if mode == "auto":
       mode = None
@@ -250,6 +255,15 @@ def kernel_attention(
     params = pltpu.InterpretParams(num_cores_or_threads=2 if mode else 1)
     with pltpu.force_tpu_interpret_mode(params):
       return run(q, k_pages, v_pages, lengths, table)
+
+  def call(q, k_pages, v_pages, lengths, table):
+    group = max(1, KERNEL_TABLE_ENTRIES // width)
+    group -= group % 2 if group > 1 else 0  # even groups keep megacore's split over rows
+    outs = [
+      kernel(q[i : i + group], k_pages, v_pages, lengths[i : i + group], table[i : i + group])
+      for i in range(0, q.shape[0], group)
+    ]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
   if mesh is None:
     out = call(q, k_pages, v_pages, lengths, table)
