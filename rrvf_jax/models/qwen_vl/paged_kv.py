@@ -186,7 +186,8 @@ MEGACORE_KINDS = ("TPU v4", "TPU v5")
 def check_kernel(head_dim: int, dtype) -> None:
   """Raises a ValueError naming the fix when the TPU kernel cannot take these pages."""
   if head_dim % 128:
-    # Its output blocks are (groups, head_dim) wide: Mosaic wants the last dim a lane multiple.
+    # Pallas' TPU lowering rejects 64: the kernel's blocks of its [..., 1] softmax statistics are
+    # head_dim wide, and a block's last dim must be a multiple of 128 (or the array's own).
     raise ValueError(
       f"paged attention impl 'pallas' needs a head dim that is a multiple of 128, got "
       f"{head_dim}; use impl 'xla'"
