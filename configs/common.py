@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   # decode slots; rollout/paged.py) or lock_step (one shared cache, the batch decodes turn by turn).
   c.grpo.engine = "paged"
   c.grpo.page_size = 16  # paged: tokens per KV page.
+  # paged: decode attention, xla (pure JAX) or pallas (JAX's TPU paged-attention kernel; heads of a
+  # multiple of 128 dims, a bfloat16 model). Appended turns always use xla.
+  c.grpo.paged_attention = "xla"
   c.grpo.decode_slots = 0  # paged: rows decoded together at most (0: every row of the rollout).
   c.grpo.decode_steps = 64  # paged: decode steps per call at most (a finished row leaves sooner).
   c.grpo.temperature = 1.0  # Sampling temperature of the episodes (the loss uses the same).

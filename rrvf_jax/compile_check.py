@@ -9,8 +9,10 @@ libtpu (`requirements-tpu.txt`) compiles for TPU device descriptions with no TPU
 sampler, and each jitted program of the run is lowered with the run's shapes and shardings and
 compiled: the SFT step, the GRPO update (the real step over `grpo.micro_batches`, and one
 micro-batch on its own), the log-prob pass, the sampler's empty cache, image encoding, prefill,
-fork, appended turn and decode loop, and the weight reshard to the sampler when the roles do not
-share it. Nothing runs and no weights are read (a checkpoint directory's config.json only).
+fork, appended turn and decode loop, the paged engine's decode loop (attention in XLA and in the
+TPU kernel; with `grpo.engine=paged`, or at `--paged_context` tokens per row for any run), and
+the weight reshard to the sampler when the roles do not share it. Nothing runs and no weights
+are read (a checkpoint directory's config.json only).
 
 Per program the table gives, per device: arguments, temporaries, outputs and aliased bytes from
 the compiler's memory analysis, the buffers other programs keep alive meanwhile (the trainer's
@@ -18,7 +20,8 @@ state beside a rollout, the sampler's weights beside an update), and their sum a
 HBM; then compile seconds, the compiler's FLOPs and estimated seconds, and for train steps the
 model FLOPs per second at that estimate as a fraction of the chip's peak. The MFU column is an
 upper bound from the compiler's cost model, not a measurement. For decode it gives the estimate
-of one step against the HBM-bandwidth bound (weights + KV cache read once per token).
+of one step against the HBM-bandwidth bound (weights + KV cache read once per token); the cost
+model does not see inside a Pallas kernel, so a step's kernel reads are added at that bandwidth.
 
 XLA's cost analysis counts a loop body once (a scan over 8 micro-batches costs one); the FLOPs
 and seconds shown are scaled by the loops' trip counts (`rrvf_jax.hlo`: matmul FLOPs of every
@@ -442,6 +445,7 @@ class Program:
   resident: int = 0  # bytes per device that other programs' buffers hold meanwhile
   model_flops: float = 0.0  # model FLOPs of one call, all devices (train and forward)
   read_bytes: int = 0  # decode: bytes per device one token reads (weights + KV cache)
+  kernel_bytes: int = 0  # decode: of those, what Pallas kernels read (the cost model does not see)
   weight_like: frozenset = frozenset()  # decode: element counts of gathered weights or cache
   fix: str = ""  # what to try when it does not fit
 
@@ -646,6 +650,17 @@ def _sampler_param_bytes(run: Run) -> int:
   return device_bytes(_sampler_params(run))
 
 
+def _rollout_resident(run: Run, state: Any) -> int:
+  """Bytes per sampler device the other roles keep meanwhile: the trainer's state (less the
+  weights the sampler shares with it), the frozen reference."""
+  if run.config.roles.sampler_devices != 0:
+    return 0
+  resident = device_bytes(state.opt_state)
+  resident += 0 if run.placement.colocated else device_bytes(state.params)
+  resident += device_bytes(state.params) if run.config.grpo.kl_coef > 0 else 0
+  return resident
+
+
 def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
   """The GRPO rollout on one host's sampler: empty cache, encode, prefill, fork, decode, append."""
   from rrvf_jax.rollout import answer_check
@@ -687,14 +702,7 @@ def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
   width = run.model_cfg.text.hidden_size
   dtype = sampler.cache_dtype
 
-  # What the other roles keep on these devices meanwhile: the trainer's state (less the weights
-  # the sampler shares with it), the frozen reference.
-  shares_devices = config.roles.sampler_devices == 0
-  resident = 0
-  if shares_devices:
-    resident = device_bytes(state.opt_state)
-    resident += 0 if run.placement.colocated else device_bytes(state.params)
-    resident += device_bytes(state.params) if c.kl_coef > 0 else 0
+  resident = _rollout_resident(run, state)
   devices = mesh.devices.size
 
   def session(batch: int, after: str | None, compiled: dict[str, Any]):
@@ -804,6 +812,110 @@ def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
   return programs
 
 
+def paged_programs(run: Run, context: int = 0) -> list[Program]:
+  """The paged engine's decode loop (rollout engine v2), its attention in XLA and in the kernel.
+
+  Built when `grpo.engine` is paged, or for any run when `context` > 0: each of the host's rows
+  owns pages for `context` tokens (0: `grpo.max_total_tokens`, what the GRPO stage gives a row) and
+  every decode slot's page table covers them, the worst case of a step. `paged_decode` attends
+  with the pure-JAX gather, `paged_decode_pallas` with JAX's TPU paged-attention kernel (only
+  where the kernel takes the model: heads of a multiple of 128 dims, a bfloat16 cache). The
+  compiler's cost model does not see inside a Pallas kernel: that row's FLOPs and estimate leave
+  the kernel's attention out, and the row adds the kernel's reads at HBM bandwidth (`kernel_s`).
+  """
+  from rrvf_jax.models.qwen_vl import paged_kv
+  from rrvf_jax.rollout import paged as paged_lib
+  from rrvf_jax.rollout import paged_engine
+  from rrvf_jax.train import grpo
+  from rrvf_jax.train import state as state_lib
+
+  c = run.config.grpo
+  if c.steps == 0 or (c.get("engine", "lock_step") != "paged" and context <= 0):
+    return []
+  context = context if context > 0 else c.max_total_tokens
+  mesh, rules = run.placement.sampler_mesh, run.rules
+  graphdef, state = state_lib.abstract_train_state(
+    run.stage.make_model, _grpo_tx(run.config), mesh=run.placement.trainer_mesh, rules=rules
+  )
+  params = _sampler_params(run)
+  model = nnx.merge(graphdef, params)
+  rows = c.prompts_per_step // run.hosts * c.group_size
+  slots = min(c.decode_slots or rows, rows)
+  row_pages = -(-context // c.page_size)
+  width = 1 << max(row_pages - 1, 0).bit_length()  # the host's table width (a power of two)
+  sampling = grpo.sampling_params(run.stage)
+  replicated = lambda shape, dtype: _sds(shape, dtype, mesh)
+  devices = mesh.devices.size
+  impls = ["xla"]
+  try:
+    paged_kv.check_kernel(run.model_cfg.text.head_dim, model.dtype)
+    impls.append("pallas")
+  except ValueError:
+    pass  # the kernel cannot take this model: its program is left out
+
+  def program(impl: str) -> Program:
+    sampler = paged_lib.PagedSampler(
+      model,
+      run.tokenizer,
+      num_pages=rows * row_pages + 1,
+      max_rows=rows,
+      page_size=c.page_size,
+      decode_slots=slots,
+      decode_steps=c.decode_steps,
+      mesh=mesh,
+      rules=rules,
+      attention_impl=impl,
+    )
+    pools = jax.eval_shape(sampler.state_program())
+    pools = _placed(pools, jax.tree.map(lambda x: x.sharding, pools))
+    stop_table = sampler.stop_table(sampling.stop_strings)
+    history = 1 if stop_table is None else int(stop_table.shape[1])
+    key = jax.eval_shape(lambda: jax.random.key(0))
+
+    def lower(_):
+      inputs = paged_engine.SlotInputs(
+        rows=replicated((slots,), np.int32),
+        page_table=replicated((slots, width), np.int32),
+        starts=replicated((slots,), np.int32),
+        positions=replicated((slots,), np.int32),
+        keys=replicated((slots, *key.shape), key.dtype),
+        counts=replicated((slots,), np.int32),
+        budgets=replicated((slots,), np.int32),
+        history=replicated((slots, history), np.int32),
+      )
+      with sharding.activation_rules(mesh, rules):
+        return sampler._jit_decode.lower(
+          params,
+          pools,
+          inputs,
+          stop_table,
+          replicated((), np.bool_),
+          sampling_params=sampling,
+          steps=sampler.decode_steps,
+        )
+
+    # A step reads the weights and, per slot, the keys and values of its `context` tokens.
+    token_bytes = device_bytes((pools.k, pools.v)) // (sampler.num_pages * c.page_size)
+    name = "paged_decode" if impl == "xla" else f"paged_decode_{impl}"
+    return Program(
+      name,
+      f"{slots} slots x {context} tokens ({rows} rows, {sampler.num_pages} pages of "
+      f"{c.page_size}), <= {c.decode_steps} steps a call, T={sampling.temperature}, "
+      f"attention {impl}",
+      lower,
+      "decode",
+      devices,
+      _rollout_resident(run, state),
+      read_bytes=device_bytes(params) + slots * context * token_bytes,
+      kernel_bytes=slots * context * token_bytes if impl == "pallas" else 0,
+      weight_like=frozenset(_gather_sizes((params, pools.k, pools.v), devices)),
+      fix=f"--config.roles.sampler_tensor={run.topology.chips_per_host}, fewer decode slots "
+      f"(grpo.decode_slots={c.decode_slots}) or a shorter context",
+    )
+
+  return [program(impl) for impl in impls]
+
+
 def _state_out(out_shardings: Any) -> Any:
   """A compiled sampler program's output shardings, as a SequenceState of shardings."""
   return out_shardings[0] if isinstance(out_shardings, tuple) else out_shardings
@@ -886,9 +998,11 @@ class Result:
   model_flops: float = 0.0  # per device
   mfu: float | None = None  # train and forward: model FLOPs / estimate / chip peak (upper bound)
   bound_s: float | None = None  # decode: HBM-bandwidth bound of one step
+  kernel_s: float | None = None  # decode: the kernels' reads at HBM bandwidth (not in estimated_s)
   collectives: dict = dataclasses.field(default_factory=dict)  # opcode -> [count, bytes] per call
   decode_step_collectives: dict = dataclasses.field(default_factory=dict)
   decode_gathers: list = dataclasses.field(default_factory=list)  # weights or cache, per step
+  kernels: int = 0  # Pallas (Mosaic) kernel calls in the program's HLO (each loop body once)
   traceback: str = ""  # of a program that does not trace
 
   @property
@@ -899,6 +1013,8 @@ class Result:
     return dataclasses.asdict(self) | {"peak": self.peak, "peak_fraction": self.peak / self.hbm}
 
 
+# The custom call a Pallas TPU kernel lowers to.
+TPU_KERNEL_CALL = "tpu_custom_call"
 _OOM = re.compile(r"([\d.]+)([KMGT])\)? exceeds available HBM \(([\d.]+)([KMGT])")
 
 
@@ -994,7 +1110,9 @@ def compile_program(program: Program, run: Run, compiled: dict[str, Any]) -> Res
     cost = cost[0] if isinstance(cost, list) else cost
     result.compiler_flops += count * float(cost.get("flops", 0.0))
     result.compiler_s += count * float(cost.get("optimal_seconds", 0.0))
-    summaries.append((hlo.summarize(executable.as_text()), count))
+    text = executable.as_text()
+    summaries.append((hlo.summarize(text), count))
+    result.kernels += count * text.count(f'custom_call_target="{TPU_KERNEL_CALL}"')
   # What the runtime allocates: the temporaries are one block of this size beside the arguments
   # and outputs (the compiler's own peak_memory_in_bytes, a heap simulation, can be lower).
   result.program_peak = result.arguments + result.temporaries + result.outputs - result.aliased
@@ -1036,6 +1154,8 @@ def _read_summaries(result: Result, summaries, program: Program, run: Run) -> No
     return
   summary = summaries[0][0]
   result.bound_s = program.read_bytes / (chip.hbm_gbps * 1e9)
+  if program.kernel_bytes:
+    result.kernel_s = program.kernel_bytes / (chip.hbm_gbps * 1e9)
   loop = max(summary.loops, key=lambda loop: loop.flops_per_trip)
   scope = set(loop.scope)
   for c in summary.collectives:
@@ -1067,8 +1187,9 @@ def _failure(program: Program, run: Run, reason: str) -> str:
 def format_table(results: Sequence[Result], run: Run) -> str:
   """A fixed-width table of the results (GiB per device, seconds, TFLOP, MFU or decode bound)."""
   chip = run.topology.chip
+  name = max([11] + [len(r.name) + 1 for r in results])  # the program column's width
   head = (
-    f"{'program':<11}{'args':>7}{'temps':>7}{'out':>7}{'alias':>7}{'other':>7}{'peak':>8}"
+    f"{'program':<{name}}{'args':>7}{'temps':>7}{'out':>7}{'alias':>7}{'other':>7}{'peak':>8}"
     f"{'%HBM':>6}{'compile':>9}{'TFLOP':>10}{'est s':>10}  MFU / decode"
   )
   lines = [
@@ -1083,17 +1204,19 @@ def format_table(results: Sequence[Result], run: Run) -> str:
       extra = f"{100 * r.mfu:5.1f}%"
     if r.bound_s is not None:
       step = "n/a" if r.estimated_s is None else f"{1e3 * r.estimated_s:.2f} ms/token"
+      if r.kernel_s is not None and r.estimated_s is not None:
+        step = f"{1e3 * r.estimated_s:.2f} + {1e3 * r.kernel_s:.2f} ms/token (kernel reads)"
       extra = f"{step} vs {1e3 * r.bound_s:.2f} ms HBM bound"
     if not r.ok and not r.arguments:  # no executable: what stopped it
       if r.program_peak:
-        lines.append(f"{r.name:<11}{'':>35}{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%"
+        lines.append(f"{r.name:<{name}}{'':>35}{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%"
                      f"{r.compile_s:8.1f}s  does not fit")  # fmt: skip
       else:
         why = "cannot be laid out" if "laid out" in r.failure else "does not trace"
-        lines.append(f"{r.name:<11}  {why}")
+        lines.append(f"{r.name:<{name}}  {why}")
       continue
     lines.append(
-      f"{r.name:<11}{g(r.arguments)}{g(r.temporaries)}{g(r.outputs)}{g(r.aliased)}{g(r.resident)}"
+      f"{r.name:<{name}}{g(r.arguments)}{g(r.temporaries)}{g(r.outputs)}{g(r.aliased)}{g(r.resident)}"
       f"{r.peak / GIB:8.2f}{100 * r.peak / r.hbm:5.0f}%{r.compile_s:8.1f}s"
       + (
         f"{'n/a':>10}{'n/a':>10}"
@@ -1111,6 +1234,11 @@ def format_table(results: Sequence[Result], run: Run) -> str:
     "model FLOPs / est / peak: an upper bound from the compiler's model, not a measurement; "
     "decode: one step."
   )
+  if any(r.kernel_s is not None for r in results):
+    lines.append(
+      "kernel reads: the cost model does not see inside a Pallas kernel; what the step's kernels "
+      "read at HBM bandwidth is added to its estimate (their FLOPs are not in TFLOP)."
+    )
   failures = [r.failure for r in results if not r.ok]
   lines += [f"compile_check: {f}" for f in failures]
   return "\n".join(lines)
@@ -1120,6 +1248,7 @@ def check(
   run: Run,
   *,
   append_tokens: int = 0,
+  paged_context: int = 0,
   only: Sequence[str] = (),
   log=print,
   on_result: Callable[[list[Result]], None] = lambda _: None,
@@ -1129,6 +1258,7 @@ def check(
   `on_result(results so far)` is called after each program (a 7B program takes minutes).
   """
   programs = train_programs(run) + sampler_programs(run, append_tokens)
+  programs += paged_programs(run, paged_context)
   unknown = set(only) - {p.name for p in programs}
   if unknown:
     raise ValueError(
@@ -1169,6 +1299,13 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
     "Tokens of an appended tool turn (image + feedback); 0: grpo.max_response_tokens.",
     flag_values=fv,
   )
+  flags.DEFINE_integer(
+    "paged_context",
+    0,
+    "Tokens per row of the paged engine's decode programs (compiled for any run when > 0); 0: "
+    "grpo.max_total_tokens, and only when grpo.engine=paged.",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -1206,6 +1343,7 @@ def main(argv: Sequence[str]) -> int:
       results = check(
         run,
         append_tokens=fv.append_tokens,
+        paged_context=fv.paged_context,
         only=fv.programs,
         log=lambda m: print(m, file=sys.stderr, flush=True),
         on_result=lambda results: fv.json and write_json(fv.json, run, results),

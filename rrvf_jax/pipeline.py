@@ -147,6 +147,8 @@ def _validate_grpo(g: ml_collections.ConfigDict) -> None:
   _check(g.engine in engines, "grpo.engine", f"must be one of {list(engines)}, got {g.engine!r}")
   for key in ("page_size", "decode_steps"):
     _check(g[key] > 0, f"grpo.{key}", f"must be positive, got {g[key]}")
+  impls, attention = ("xla", "pallas"), g.get("paged_attention", "xla")
+  _check(attention in impls, "grpo.paged_attention", f"must be xla or pallas, got {attention!r}")
   _check(g.decode_slots >= 0, "grpo.decode_slots", f"must be >= 0, got {g.decode_slots}")
   keys = ("prompts_per_step", "group_size", "max_turns", "max_new_tokens", "max_response_tokens")
   for key in (*keys, "epochs"):

@@ -93,6 +93,11 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def active_rules() -> tuple[Mesh, Rules] | None:
+  """The mesh and rules of the enclosing `activation_rules` (None outside one)."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint from logical `axes`; a no-op outside `activation_rules`.
 

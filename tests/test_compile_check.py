@@ -311,3 +311,43 @@ def test_gke_manifest_batches_lay_out_on_its_slice(tmp_path):
   config.sft.micro_batches = 4
   with pytest.raises(ValueError, match="dimension 16 is not divisible"):
     compile_check.placed_batch(run, compile_check.sft_batch(run, c.max_length, c.max_images), 4)
+
+
+def test_paged_decode_compiles_with_xla_attention_and_the_kernel(tmp_path, monkeypatch):
+  # The tiny policy with 8 heads of 128 dims over 4 kv heads (the kernel wants a head dim of a
+  # multiple of 128), sampling on tensor=4: one kv head per chip.
+  import dataclasses
+
+  from rrvf_jax import components
+
+  policy_config = components.policy_config
+
+  def heads_of_128(config, tok):
+    cfg = policy_config(config, tok)
+    text = dataclasses.replace(
+      cfg.text, num_heads=8, num_kv_heads=4, explicit_head_dim=128, mrope_section=(16, 24, 24)
+    )
+    return cfg.replace(text=text)
+
+  monkeypatch.setattr(components, "policy_config", heads_of_128)
+  run = make_run(tmp_path, **{"roles.sampler_tensor": 4})
+  assert compile_check.paged_programs(run) == []  # a lock-step run does not use them
+  results = compile_check.check(
+    run, paged_context=512, only=["paged_decode", "paged_decode_pallas"]
+  )
+  by_name = _check_fields(results)
+  assert set(by_name) == {"paged_decode", "paged_decode_pallas"}
+  xla, kernel = by_name["paged_decode"], by_name["paged_decode_pallas"]
+  assert "16 slots x 512 tokens (16 rows, 513 pages of 16)" in xla.what
+  assert xla.what.endswith("attention xla") and kernel.what.endswith("attention pallas")
+  # One kernel call per layer in the decode loop's body; none on the pure-JAX path.
+  assert (xla.kernels, kernel.kernels) == (0, run.model_cfg.text.num_layers)
+  for r in (xla, kernel):
+    assert r.bound_s > 0 and r.estimated_s > 0 and r.decode_gathers == []
+    assert r.loops and r.loops[0][0] is None  # the decode loop has no static trip count
+  # Both read the same bytes per step: the bound is the same; the pools are donated.
+  assert kernel.bound_s == xla.bound_s and kernel.aliased == xla.aliased > 0
+  # The cost model does not see the kernel's reads of the pools: the row adds them at bandwidth.
+  assert xla.kernel_s is None and 0 < kernel.kernel_s < kernel.bound_s
+  table = compile_check.format_table(list(by_name.values()), run)
+  assert table.count("HBM bound") == 2 and table.count("(kernel reads)") == 1

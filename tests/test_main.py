@@ -260,6 +260,12 @@ def test_cli_rejects_a_bad_value(tmp_path):
     "--config=configs/chart.py:demo", f"--workdir={tmp_path}", "--config.sft.micro_batches=3"
   )
   _assert_one_line_error(out, "config.sft.micro_batches must divide sft.batch_size=8, got 3")
+  out = _main(
+    "--config=configs/chart.py:demo",
+    f"--workdir={tmp_path}",
+    "--config.grpo.paged_attention=mosaic",
+  )
+  _assert_one_line_error(out, "config.grpo.paged_attention must be xla or pallas, got 'mosaic'")
 
 
 def test_cli_rejects_a_missing_checkpoint_directory(tmp_path):

@@ -154,6 +154,7 @@ class PagedSampler(SamplerBase):
     mesh: Mesh | None = None,
     rules: sharding.Rules | None = None,
     encode_images: int = 32,
+    attention_impl: str = "xla",
   ):
     super().__init__(
       model,
@@ -176,6 +177,10 @@ class PagedSampler(SamplerBase):
     self.decode_slots = decode_slots
     self.decode_steps = decode_steps
     self.append_rows = append_rows
+    # Decode steps' attention (`paged_kv.attention`): 'xla', or the TPU kernel 'pallas'.
+    self.attention_impl = paged_kv.check_impl(attention_impl)
+    if attention_impl != "xla":
+      paged_kv.check_kernel(self.config.text.head_dim, self.cache_dtype)
     self.paged = PagedStats()
     self.allocator = PageAllocator(self.num_pages)
     self.rows: list[RowCache] = []
@@ -205,14 +210,16 @@ class PagedSampler(SamplerBase):
   def _append(self, params, state, rows, input_ids, positions, features, view):
     self.stats.traces["paged_append"] += 1
     model = engine.merge(self.graphdef, params)
-    return paged_engine.append(model, state, rows, input_ids, positions, features, view)
+    with paged_kv.attention_impl(self.attention_impl):
+      return paged_engine.append(model, state, rows, input_ids, positions, features, view)
 
   def _decode(self, params, state, slots, stop_table, yield_on_done, *, sampling_params, steps):
     self.stats.traces["paged_decode"] += 1
     model = engine.merge(self.graphdef, params)
-    return paged_engine.decode(
-      model, state, slots, stop_table, yield_on_done, sampling_params, self.pad_id, steps
-    )
+    with paged_kv.attention_impl(self.attention_impl):
+      return paged_engine.decode(
+        model, state, slots, stop_table, yield_on_done, sampling_params, self.pad_id, steps
+      )
 
   def state_program(self):
     """The jitted function (no arguments) that makes the empty pools and logits."""
