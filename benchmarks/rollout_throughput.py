@@ -142,6 +142,10 @@ def main():
   parser.add_argument("--page_size", type=int, default=16)
   parser.add_argument("--decode_steps", type=int, default=64)
   parser.add_argument("--image", type=int, default=224, help="target image side in pixels")
+  parser.add_argument(
+    "--kv_image", type=int, default=896, help="image side of the group-KV prompt (896: ~1k tokens)"
+  )
+  parser.add_argument("--kv_only", action="store_true", help="only the group-KV measurement")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
@@ -168,44 +172,59 @@ def main():
     decode_steps=args.decode_steps,
   )  # fmt: skip
   key = jax.random.key(args.seed)
-  with env.create_chart_pool() as pool:
-    pool.wait_ready()
-    results = {}
-    for name, play, sampler in (("lock-step", play_lock_step, lock), ("paged", play_paged, pager)):
-      play(sampler, tok, prompts, args.group, plan, pool, key)  # compiles
-      start = time.perf_counter()
-      slots = play(sampler, tok, prompts, args.group, plan, pool, key)
-      results[name] = (time.perf_counter() - start, slots)
+  results = {}
+  if not args.kv_only:
+    with env.create_chart_pool() as pool:
+      pool.wait_ready()
+      engines = (("lock-step", play_lock_step, lock), ("paged", play_paged, pager))
+      for name, play, sampler in engines:
+        play(sampler, tok, prompts, args.group, plan, pool, key)  # compiles
+        start = time.perf_counter()
+        slots = play(sampler, tok, prompts, args.group, plan, pool, key)
+        results[name] = (time.perf_counter() - start, slots)
 
-  # KV memory of a group on one prompt: pages after prefill + fork vs G separate copies.
-  pager.start(args.group)
-  pager.prefill([0], prompts[:1])
-  pager.fork(0, list(range(1, args.group)))
-  shared_tokens = pager.allocator.used * pager.page_size
-  copies_tokens = args.group * len(prompts[0].token_ids)
+  # KV memory of a group on one ~1k-token image prompt: pages after prefill + fork vs G copies.
+  kv_side = args.kv_image
+  kv_prompt = image_prompt(
+    tok,
+    "Write matplotlib code for this chart.",
+    rng.integers(0, 255, (kv_side, kv_side, 3), np.uint8),
+  )
+  kv_sampler = rollout.PagedSampler(
+    model, tok, row_tokens=len(kv_prompt.token_ids) + 16, page_size=args.page_size
+  )
+  kv_sampler.start(args.group)
+  kv_sampler.prefill([0], [kv_prompt])
+  kv_sampler.fork(0, list(range(1, args.group)))
+  shared_tokens = kv_sampler.allocator.used * kv_sampler.page_size
+  copies_tokens = args.group * len(kv_prompt.token_ids)
   cfg = model.config.text
   per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
 
+  if results:
+    print(
+      f"Scripted RRVF rollouts, {n_params / 1e6:.1f}M-parameter '{args.preset}' model, "
+      f"{args.prompts} prompts x G={args.group} = {rows} rows, 1..{args.turns} turns of "
+      f"{args.min_tokens}..{args.max_tokens} tokens (seed {args.seed}; {useful} useful tokens, "
+      f"{sum(len(p) for p in plan)} turns), real sandboxed renders between turns"
+    )
+    print(
+      f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+      f"jax {jax.__version__}; "
+      f"paged: {args.slots} slots, pages of {args.page_size}, {args.decode_steps} steps a call"
+    )
+    print(
+      f"{'engine':<12}{'wall s':>9}{'useful tok/s':>14}{'KV slots held':>15}{'slots/token':>13}"
+    )
+    for name, (wall, slots) in results.items():
+      print(f"{name:<12}{wall:>9.2f}{useful / wall:>14.1f}{slots:>15d}{slots / useful:>13.2f}")
+    (lock_s, lock_slots), (paged_s, paged_slots) = results["lock-step"], results["paged"]
+    print(
+      f"ratio (lock-step / paged): wall {lock_s / paged_s:.2f}x, "
+      f"KV slots {lock_slots / paged_slots:.2f}x"
+    )
   print(
-    f"Scripted RRVF rollouts, {n_params / 1e6:.1f}M-parameter '{args.preset}' model, "
-    f"{args.prompts} prompts x G={args.group} = {rows} rows, 1..{args.turns} turns of "
-    f"{args.min_tokens}..{args.max_tokens} tokens (seed {args.seed}; {useful} useful tokens, "
-    f"{sum(len(p) for p in plan)} turns), real sandboxed renders between turns"
-  )
-  print(
-    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}; "
-    f"paged: {args.slots} slots, pages of {args.page_size}, {args.decode_steps} steps a call"
-  )
-  print(f"{'engine':<12}{'wall s':>9}{'useful tok/s':>14}{'KV slots held':>15}{'slots/token':>13}")
-  for name, (wall, slots) in results.items():
-    print(f"{name:<12}{wall:>9.2f}{useful / wall:>14.1f}{slots:>15d}{slots / useful:>13.2f}")
-  (lock_s, lock_slots), (paged_s, paged_slots) = results["lock-step"], results["paged"]
-  print(
-    f"ratio (lock-step / paged): wall {lock_s / paged_s:.2f}x, "
-    f"KV slots {lock_slots / paged_slots:.2f}x"
-  )
-  print(
-    f"KV of a G={args.group} group on a {len(prompts[0].token_ids)}-token image prompt: shared "
+    f"KV of a G={args.group} group on a {len(kv_prompt.token_ids)}-token image prompt: shared "
     f"pages {shared_tokens} token slots ({shared_tokens * per_token / 2**20:.2f} MiB) vs "
     f"{args.group} copies {copies_tokens} ({copies_tokens * per_token / 2**20:.2f} MiB): "
     f"{copies_tokens / shared_tokens:.2f}x less"
