@@ -330,8 +330,9 @@ def test_paged_decode_compiles_with_xla_attention_and_the_kernel(tmp_path, monke
     return cfg.replace(text=text)
 
   monkeypatch.setattr(components, "policy_config", heads_of_128)
+  lock_step = make_run(tmp_path, **{"roles.sampler_tensor": 4, "grpo.engine": "lock_step"})
+  assert compile_check.paged_programs(lock_step) == []  # a lock-step run does not use them
   run = make_run(tmp_path, **{"roles.sampler_tensor": 4})
-  assert compile_check.paged_programs(run) == []  # a lock-step run does not use them
   results = compile_check.check(
     run, paged_context=512, only=["paged_decode", "paged_decode_pallas"]
   )
