@@ -1,11 +1,14 @@
 """Multi-turn RRVF episodes: sample a turn, render and judge its tool call, append feedback, repeat.
 
-`run_episodes` plays G episodes for each target image on one sampler session:
+`run_episodes` plays G episodes for each target image on either engine: the lock-step `Sampler`
+(turn by turn: every active row decodes, then every row's next turn is appended at the shared
+offset) or the `PagedSampler` (continuous batching: a row leaves its decode slot when its turn
+ends and comes back when its renders are done, at its own position, with its own budget). What
+happens to each row is the same on both:
 
 1. Each prompt (system block with the task's render-tool schema, the target image, the instruction,
    the assistant header) is prefilled once and forked into G rows that share the prefill.
-2. Every turn, the still-active rows decode their next assistant turn (`active=` leaves the others
-   untouched). Each reply is parsed (`env.parse_turn`):
+2. The rows decode their next assistant turn. Each reply is parsed (`env.parse_turn`):
    - an `<answer>` ends the episode; its code is rendered and judged in 'score' mode (R_vision) in
      the background while the other rows keep decoding. An answer cut off inside `<answer>` by the
      turn's token cap is a cut-off ('turn_length'), neither rendered nor rewarded;
@@ -19,7 +22,8 @@
      appended turn has a known bound and the budget's worst case is computable
      (`budget.worst_case`).
 3. Limits. `max_turns` assistant turns per episode, and `max_total_tokens` tokens per trajectory
-   (every trajectory fits it, and the sampler's cache always has room for what is decoded). A row
+   (every trajectory fits it; on the lock-step engine the shared cache can also stop the tool
+   loop of every row when another turn would not fit it, on the paged one nothing else can). A row
    that still calls the tool when a limit stops it is, per `on_budget`,
    - 'force_answer': given a short user turn asking for the final answer instead of the tool
      response (that last call is not run) and sampled once more. This extra turn is the only one
