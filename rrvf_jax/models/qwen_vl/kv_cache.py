@@ -93,14 +93,23 @@ def cached_attention(
   queries) come out finite. More than `block` (default QUERY_BLOCK) queries go `block` at a time
   (each query's softmax is its own, so the result is the same).
   """
+  attend = lambda q, mask: _attend(q, k_cache, v_cache, mask, scale=scale)
+  return in_query_blocks(attend, q_btnh, mask_bts, block or QUERY_BLOCK)
+
+
+def in_query_blocks(attend, q_btnh: jax.Array, mask_bts: jax.Array, block: int) -> jax.Array:
+  """`attend(q, mask)` of `[B, T, N, H]` queries, `block` queries at a time when T is a multiple.
+
+  Each query's softmax is its own, so the result is that of all at once; the largest buffer, the
+  f32 scores, shrinks to a block's.
+  """
   b, t, n, h = q_btnh.shape
-  block = block or QUERY_BLOCK
   if t <= block or t % block:
-    return _attend(q_btnh, k_cache, v_cache, mask_bts, scale=scale)
+    return attend(q_btnh, mask_bts)
   blocks = t // block
   q = q_btnh.reshape(b, blocks, block, n, h).swapaxes(0, 1)
   mask = mask_bts.reshape(b, blocks, block, mask_bts.shape[-1]).swapaxes(0, 1)
-  out = jax.lax.map(lambda qm: _attend(qm[0], k_cache, v_cache, qm[1], scale=scale), (q, mask))
+  out = jax.lax.map(lambda qm: attend(qm[0], qm[1]), (q, mask))
   return out.swapaxes(0, 1).reshape(b, t, n, h)
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from rrvf_jax import sharding
+from rrvf_jax.models.qwen_vl import kv_cache
 from rrvf_jax.models.qwen_vl.config import TextConfig
 
 # Logical axes of a layer's key and value pages, for `rrvf_jax.sharding`.
@@ -133,7 +134,7 @@ def attention(
   `impl` (default: `attention_impl`'s, else 'xla'): with 'pallas' or 'pallas_interpret' a call of
   one query per row goes to the TPU kernel (`kernel_attention`); longer calls stay here.
   """
-  b, t, n, h = q_btnh.shape
+  b, t, _, h = q_btnh.shape
   impl = check_impl(impl or _IMPL.get())
   if impl != "xla" and t == 1:
     return kernel_attention(
@@ -149,13 +150,8 @@ def attention(
   mask = (key_position[None, None, :] <= query_position[:, :, None]) & (
     key_position[None, None, :] < view.kv_lens[:, None, None]
   )
-  if t <= block or t % block:
-    return _attend(q_btnh, k, v, mask, scale=scale)
-  blocks = t // block
-  q = q_btnh.reshape(b, blocks, block, n, h).swapaxes(0, 1)
-  mask = mask.reshape(b, blocks, block, mask.shape[-1]).swapaxes(0, 1)
-  out = jax.lax.map(lambda qm: _attend(qm[0], k, v, qm[1], scale=scale), (q, mask))
-  return out.swapaxes(0, 1).reshape(b, t, n, h)
+  attend = lambda q, mask: _attend(q, k, v, mask, scale=scale)
+  return kv_cache.in_query_blocks(attend, q_btnh, mask, block)
 
 
 def _attend(q_btnh, k_kbsh, v_kbsh, mask_bts, *, scale: float) -> jax.Array:
