@@ -34,7 +34,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from rrvf_jax import sharding as sharding_lib
 from rrvf_jax.models import build_model, get_preset
-from rrvf_jax.models.qwen_vl import kv_cache, rope
+from rrvf_jax.models.qwen_vl import kv_cache, layers, rope
 from rrvf_jax.models.qwen_vl.config import ModelConfig
 from rrvf_jax.train import optim
 from rrvf_jax.train import state as state_lib
@@ -334,6 +334,10 @@ def _text_layer_terms(cfg: ModelConfig, length: int, a: int, sizes, rules) -> tu
   dots = a * (q + 2 * kv + 2 * t.hidden_size + 2 * f)
   other = a * (4 * t.hidden_size + 2 * q + kv + 2 * f)
   attention = _div(t.num_heads, tq) * length * (4 + a)
+  if layers.uses_flash(length):
+    # Flash tiles: three float32 [heads, block, block] tiles (scores, probabilities, their
+    # gradient) at a time, whatever the length; spread over the row's tokens.
+    attention = _div(t.num_heads, tq) * 3 * 4 * layers.FLASH_BLOCK**2 // length
   return dots, other, attention
 
 
@@ -350,6 +354,8 @@ def train_activations(
     other = a (4 E + 2 N H/t + K H/t + 2 F/t)   norm inputs/outputs, roped q/k, attention out,
                                                  silu(gate) and the gated product
     attn  = (N/t) L (4 + a)                      float32 softmax + probabilities (XLA attention)
+          = (N/t) 12 B^2 / L                      flash tiles of B = FLASH_BLOCK, from
+                                                 FLASH_MIN_LENGTH tokens on (`layers`)
 
   Residuals kept from the forward to the backward, over all layers (`layers` x b x L x ...):
   none: dots + other + attn; dots: dots; full: E a (each layer's input). Working set of the

@@ -9,8 +9,16 @@ from rrvf_jax.models.qwen_vl import layers
 from rrvf_jax.models.qwen_vl.model import causal_mask
 
 
-@pytest.mark.parametrize("length", [40, 333])  # one block; six with a ragged last one
-def test_causal_blocks_equal_full_attention(length):
+@pytest.mark.parametrize("length", [40, 333, 256])  # one block; six, a ragged last one; flash
+def test_causal_blocks_equal_full_attention(length, monkeypatch):
+  # From FLASH_MIN_LENGTH tokens on the flash tiles take over (lowered here to reach them).
+  monkeypatch.setattr(layers, "FLASH_MIN_LENGTH", 256)
+  monkeypatch.setattr(layers, "FLASH_BLOCK", 64)
+  calls = []
+  tiled = layers.flash.flash_attention
+  monkeypatch.setattr(
+    layers.flash, "flash_attention", lambda *a, **kw: calls.append(kw) or tiled(*a, **kw)
+  )
   b, n, kv, h = 2, 4, 2, 8
   keys = jax.random.split(jax.random.key(length), 3)
   q = jax.random.normal(keys[0], (b, length, n, h))
@@ -27,6 +35,7 @@ def test_causal_blocks_equal_full_attention(length):
     return layers.causal_attention(q, k, v, mask, scale=0.3)
 
   out = jax.jit(blocked)(q, k, v)
+  assert [c["block_q"] for c in calls] == ([64] if length == 256 else [])
   np.testing.assert_allclose(out, jax.jit(full)(q, k, v), atol=2e-6, rtol=0)
   assert np.isfinite(np.asarray(out)).all()
   weights = jax.random.normal(jax.random.key(7), (b, length, n, h))

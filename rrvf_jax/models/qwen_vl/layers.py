@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rrvf_jax.models.qwen_vl import flash
+
 Dtype = jnp.dtype | type
 
 
@@ -100,6 +102,16 @@ def attention(
 # last position, about half of the full square, and its scores are a block-size slice of it.
 CAUSAL_BLOCKS = 16
 _MIN_BLOCK = 64
+# From this length on (an even number of FLASH_BLOCKs), causal attention is `flash.flash_attention`:
+# the dense blocks' scores grow with the square of the length (at 32,768 tokens the backward of
+# one 7B layer keeps tens of GiB of them per row), the flash tiles do not.
+FLASH_MIN_LENGTH = 4096
+FLASH_BLOCK = 512
+
+
+def uses_flash(length: int) -> bool:
+  """Whether causal attention over `length` tokens takes the flash tiles (an even count of them)."""
+  return length >= FLASH_MIN_LENGTH and length % (2 * FLASH_BLOCK) == 0
 
 
 def causal_attention(
@@ -107,13 +119,18 @@ def causal_attention(
 ) -> jax.Array:
   """`attention` for a causal `mask` (no query sees a later key), skipping the upper triangle.
 
-  The queries are cut into at most CAUSAL_BLOCKS blocks; block [a, b) attends to keys [0, b)
+  From FLASH_MIN_LENGTH tokens on it is `flash.flash_attention` (tiles of FLASH_BLOCK). Below,
+  the queries are cut into at most CAUSAL_BLOCKS blocks; block [a, b) attends to keys [0, b)
   only. The keys left out are the ones the mask hides, so the result is `attention`'s (up to float
   rounding); the work and the largest temporary, `[B, N, T, S]` scores, roughly halve.
   """
   length = q.shape[1]
   if length != k.shape[1] or length <= _MIN_BLOCK:
     return attention(q, k, v, mask, scale=scale)
+  if uses_flash(length):
+    return flash.flash_attention(
+      q, k, v, mask, scale=scale, block_q=FLASH_BLOCK, block_k=FLASH_BLOCK, causal=True
+    )
   mask = jnp.broadcast_to(mask, (q.shape[0], length, length))
   blocks = min(CAUSAL_BLOCKS, -(-length // _MIN_BLOCK))
   size = -(-length // blocks)
