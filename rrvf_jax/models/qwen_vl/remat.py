@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 _POLICY: contextvars.ContextVar[Callable[..., bool] | None] = contextvars.ContextVar(
@@ -42,3 +43,30 @@ def call_layer(layer: nnx.Module, *args: Any) -> Any:
   graphdef, state = nnx.split(layer)
   run = lambda state, *xs: nnx.merge(graphdef, state)(*xs)
   return jax.checkpoint(run, policy=policy)(state, *args)
+
+
+def call_layers(layers: Sequence[nnx.Module], x: jax.Array, *args: Any) -> jax.Array:
+  """`x` through `layers` in order (each `layer(x, *args)`), rematerialised per layer when a
+  policy is set: then as one `lax.scan` over the layers' stacked states.
+
+  Unrolled, the checkpoints do not bound memory on TPU: each layer's recomputation depends only on
+  its saved input, and XLA's scheduler ran most of them ahead of the backward pass (compile_check,
+  7B GRPO micro-batch on v5p-64: the MLP intermediates of 17 layers live at once, 85 GiB at the
+  peak). Inside a scan the backward is a loop that recomputes one layer per iteration, and the
+  compiler sees one layer instead of all of them. The stacked states are a per-step copy of the
+  layers' (sharded) parameters; their gradient flows back to each layer's own.
+  """
+  policy = _POLICY.get()
+  splits = [nnx.split(layer) for layer in layers]
+  if policy is None or len(splits) < 2 or any(g != splits[0][0] for g, _ in splits):
+    for layer in layers:
+      x = call_layer(layer, x, *args)
+    return x
+  graphdef = splits[0][0]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits))
+
+  def body(x, state):
+    return nnx.merge(graphdef, state)(x, *args), None
+
+  x, _ = jax.lax.scan(jax.checkpoint(body, policy=policy), x, stacked)
+  return x

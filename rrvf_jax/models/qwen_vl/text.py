@@ -160,10 +160,12 @@ class TextModel(nnx.Module):
     """
     with jax.named_scope("decoder"):
       cos, sin = self.cos_sin(positions_3bl)
-      for i, layer in enumerate(self.layers):
+      layers = list(self.layers)
+      levels = 0 if deepstack is None else deepstack.levels
+      for i, layer in enumerate(layers[:levels]):
         x_ble = remat.call_layer(layer, x_ble, cos, sin, mask_bls)
-        if deepstack is not None and i < deepstack.levels:
-          x_ble = x_ble + deepstack.residual(i).astype(x_ble.dtype)
+        x_ble = x_ble + deepstack.residual(i).astype(x_ble.dtype)
+      x_ble = remat.call_layers(layers[levels:], x_ble, cos, sin, mask_bls)
       return self.norm(x_ble)
 
   def cached(
