@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   # multiple of 128 dims, a bfloat16 model). Appended turns always use xla.
   c.grpo.paged_attention = "xla"
   c.grpo.decode_slots = 0  # paged: rows decoded together at most (0: every row of the rollout).
+  # paged: the host sampler's KV pool in tokens (0: every row's max_total_tokens, never short). A
+  # smaller pool makes rows wait for pages; a pool that every waiting row fills is an error (no
+  # preemption), so keep it well above a few rows' worst case.
+  c.grpo.pool_tokens = 0
   c.grpo.decode_steps = 64  # paged: decode steps per call at most (a finished row leaves sooner).
   c.grpo.temperature = 1.0  # Sampling temperature of the episodes (the loss uses the same).
   c.grpo.top_p = 1.0  # Nucleus sampling mass (1.0: off).

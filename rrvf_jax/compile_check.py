@@ -661,16 +661,22 @@ def _rollout_resident(run: Run, state: Any) -> int:
   return resident
 
 
+def _pow2(n: int) -> int:
+  """The least power of two >= n (and >= 1): the engines' padded batch and table sizes."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
 def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
-  """The GRPO rollout on one host's sampler: empty cache, encode, prefill, fork, decode, append."""
+  """The lock-step engine's rollout on one host's sampler: cache, encode, prefill, fork, decode,
+  append (none for a paged run)."""
   from rrvf_jax.rollout import answer_check
   from rrvf_jax.rollout import sampler as sampler_lib
   from rrvf_jax.train import grpo
   from rrvf_jax.train import state as state_lib
 
   config, c = run.config, run.config.grpo
-  if c.steps == 0:
-    return []
+  if c.steps == 0 or c.get("engine", "lock_step") == "paged":
+    return []  # the paged engine's programs are paged_programs'
   mesh, rules = run.placement.sampler_mesh, run.rules
   tx = _grpo_tx(config)
   graphdef, state = state_lib.abstract_train_state(
@@ -713,7 +719,7 @@ def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
 
   def features(images: int, compiled: dict[str, Any]):
     n = images * run.image_tokens
-    padded = 1 << max(n - 1, 0).bit_length()
+    padded = _pow2(n)
     return replicated((padded, width), dtype)
 
   def run_rules(fn):
@@ -812,40 +818,47 @@ def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
   return programs
 
 
-def paged_programs(run: Run, context: int = 0) -> list[Program]:
-  """The paged engine's decode loop (rollout engine v2), its attention in XLA and in the kernel.
+def paged_programs(run: Run, context: int = 0, append_tokens: int = 0) -> list[Program]:
+  """The paged engine's programs (rollout engine v2): pools, encode, prefill, fork, decode, append.
 
-  Built when `grpo.engine` is paged, or for any run when `context` > 0: each of the host's rows
-  owns pages for `context` tokens (0: `grpo.max_total_tokens`, what the GRPO stage gives a row) and
-  every decode slot's page table covers them, the worst case of a step. `paged_decode` attends
-  with the pure-JAX gather, `paged_decode_pallas` with JAX's TPU paged-attention kernel (only
-  where the kernel takes the model: heads of a multiple of 128 dims, a bfloat16 cache). The
-  compiler's cost model does not see inside a Pallas kernel: that row's FLOPs and estimate leave
-  the kernel's attention out, and the row adds the kernel's reads at HBM bandwidth (`kernel_s`).
+  Built when `grpo.engine` is paged, or for any run when `context` > 0 (its decode loops only):
+  each of the host's rows owns pages for `context` tokens (0: `grpo.max_total_tokens`, what the
+  GRPO stage gives a row) and every page table covers them, the worst case of a step. Prefill is
+  the host's prompts in one call from empty rows; fork copies each child's partly filled last
+  page; the appended tool turn runs on a full row. `paged_decode` attends with the pure-JAX
+  gather, `paged_decode_pallas` with JAX's TPU paged-attention kernel (only where the kernel takes
+  the model: heads of a multiple of 128 dims, a bfloat16 cache). The compiler's cost model does
+  not see inside a Pallas kernel: that row's FLOPs and estimate leave the kernel's attention out,
+  and the row adds the kernel's reads at HBM bandwidth (`kernel_s`).
   """
   from rrvf_jax.models.qwen_vl import paged_kv
+  from rrvf_jax.rollout import answer_check, paged_engine
   from rrvf_jax.rollout import paged as paged_lib
-  from rrvf_jax.rollout import paged_engine
+  from rrvf_jax.rollout import sampler as sampler_lib
   from rrvf_jax.train import grpo
   from rrvf_jax.train import state as state_lib
 
-  c = run.config.grpo
-  if c.steps == 0 or (c.get("engine", "lock_step") != "paged" and context <= 0):
+  config, c = run.config, run.config.grpo
+  is_paged = c.get("engine", "lock_step") == "paged"
+  if c.steps == 0 or (not is_paged and context <= 0):
     return []
   context = context if context > 0 else c.max_total_tokens
   mesh, rules = run.placement.sampler_mesh, run.rules
   graphdef, state = state_lib.abstract_train_state(
-    run.stage.make_model, _grpo_tx(run.config), mesh=run.placement.trainer_mesh, rules=rules
+    run.stage.make_model, _grpo_tx(config), mesh=run.placement.trainer_mesh, rules=rules
   )
   params = _sampler_params(run)
   model = nnx.merge(graphdef, params)
-  rows = c.prompts_per_step // run.hosts * c.group_size
+  prompts = c.prompts_per_step // run.hosts
+  rows = prompts * c.group_size
   slots = min(c.decode_slots or rows, rows)
   row_pages = -(-context // c.page_size)
-  width = 1 << max(row_pages - 1, 0).bit_length()  # the host's table width (a power of two)
+  pool = c.get("pool_tokens", 0) if is_paged else 0
+  pool_pages = -(-pool // c.page_size) + 1 if pool else rows * row_pages + 1
   sampling = grpo.sampling_params(run.stage)
   replicated = lambda shape, dtype: _sds(shape, dtype, mesh)
   devices = mesh.devices.size
+  resident = _rollout_resident(run, state)
   impls = ["xla"]
   try:
     paged_kv.check_kernel(run.model_cfg.text.head_dim, model.dtype)
@@ -853,11 +866,11 @@ def paged_programs(run: Run, context: int = 0) -> list[Program]:
   except ValueError:
     pass  # the kernel cannot take this model: its program is left out
 
-  def program(impl: str) -> Program:
-    sampler = paged_lib.PagedSampler(
+  def make_sampler(impl: str) -> paged_lib.PagedSampler:
+    return paged_lib.PagedSampler(
       model,
       run.tokenizer,
-      num_pages=rows * row_pages + 1,
+      num_pages=pool_pages,
       max_rows=rows,
       page_size=c.page_size,
       decode_slots=slots,
@@ -866,8 +879,35 @@ def paged_programs(run: Run, context: int = 0) -> list[Program]:
       rules=rules,
       attention_impl=impl,
     )
-    pools = jax.eval_shape(sampler.state_program())
-    pools = _placed(pools, jax.tree.map(lambda x: x.sharding, pools))
+
+  sampler = make_sampler("xla")
+  pools = jax.eval_shape(sampler.state_program())
+  pools = _placed(pools, jax.tree.map(lambda x: x.sharding, pools))
+  token_bytes = device_bytes((pools.k, pools.v)) // (sampler.num_pages * c.page_size)
+  pool_text = f"{sampler.num_pages} pages of {c.page_size} " + (
+    f"(grpo.pool_tokens={pool})" if pool else f"({rows} rows x {context} tokens)"
+  )
+  fix_pool = (
+    f"fewer rows per sampler device: more devices per host sampler (--config.roles."
+    f"sampler_tensor), fewer prompts per host (grpo.prompts_per_step={c.prompts_per_step}), "
+    f"fewer decode slots (grpo.decode_slots={c.decode_slots}), a smaller pool than every row's "
+    f"budget (grpo.pool_tokens={pool}) or a shorter row budget (grpo.max_total_tokens="
+    f"{c.max_total_tokens})"
+  )
+
+  def run_rules(fn):
+    def lower(compiled):
+      with sharding.activation_rules(mesh, rules):
+        return fn(compiled)
+
+    return lower
+
+  def table(batch: int, tokens: int):
+    width = _pow2(-(-tokens // c.page_size))
+    return replicated((batch, width), np.int32)
+
+  def decode_program(impl: str) -> Program:
+    sampler = make_sampler(impl)
     stop_table = sampler.stop_table(sampling.stop_strings)
     history = 1 if stop_table is None else int(stop_table.shape[1])
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -875,7 +915,7 @@ def paged_programs(run: Run, context: int = 0) -> list[Program]:
     def lower(_):
       inputs = paged_engine.SlotInputs(
         rows=replicated((slots,), np.int32),
-        page_table=replicated((slots, width), np.int32),
+        page_table=table(slots, context),
         starts=replicated((slots,), np.int32),
         positions=replicated((slots,), np.int32),
         keys=replicated((slots, *key.shape), key.dtype),
@@ -883,37 +923,124 @@ def paged_programs(run: Run, context: int = 0) -> list[Program]:
         budgets=replicated((slots,), np.int32),
         history=replicated((slots, history), np.int32),
       )
-      with sharding.activation_rules(mesh, rules):
-        return sampler._jit_decode.lower(
-          params,
-          pools,
-          inputs,
-          stop_table,
-          replicated((), np.bool_),
-          sampling_params=sampling,
-          steps=sampler.decode_steps,
-        )
+      return sampler._jit_decode.lower(
+        params,
+        pools,
+        inputs,
+        stop_table,
+        replicated((), np.bool_),
+        sampling_params=sampling,
+        steps=sampler.decode_steps,
+      )
 
     # A step reads the weights and, per slot, the keys and values of its `context` tokens.
-    token_bytes = device_bytes((pools.k, pools.v)) // (sampler.num_pages * c.page_size)
     name = "paged_decode" if impl == "xla" else f"paged_decode_{impl}"
     return Program(
       name,
       f"{slots} slots x {context} tokens ({rows} rows, {sampler.num_pages} pages of "
       f"{c.page_size}), <= {c.decode_steps} steps a call, T={sampling.temperature}, "
       f"attention {impl}",
-      lower,
+      run_rules(lower),
       "decode",
       devices,
-      _rollout_resident(run, state),
+      resident,
       read_bytes=device_bytes(params) + slots * context * token_bytes,
       kernel_bytes=slots * context * token_bytes if impl == "pallas" else 0,
       weight_like=frozenset(_gather_sizes((params, pools.k, pools.v), devices)),
       fix=f"--config.roles.sampler_tensor={run.topology.chips_per_host}, fewer decode slots "
-      f"(grpo.decode_slots={c.decode_slots}) or a shorter context",
+      f"(grpo.decode_slots={c.decode_slots}), a smaller KV pool (grpo.pool_tokens={pool}) or a "
+      "shorter context",
     )
 
-  return [program(impl) for impl in impls]
+  programs = [decode_program(impl) for impl in impls]
+  if not is_paged:  # --paged_context on a lock-step run: the decode loops only
+    return programs
+
+  canvas = np.zeros((config.image.height, config.image.width, 3), np.uint8)
+  prompt = answer_check.prompt_segment(
+    run.tokenizer,
+    canvas,
+    instruction=run.stage.instruction,
+    proc_cfg=run.proc_cfg,
+    system_prompt=run.stage.system_prompt,
+    tools=run.stage.tools,
+  )
+  prompt_len = sampler_lib.bucket_length(len(prompt.token_ids), sampler.buckets)
+  append_len = sampler_lib.bucket_length(append_tokens or c.max_response_tokens, sampler.buckets)
+  # Appends go `append_rows or slots` rows a call, padded to a power of two (PagedSampler.append).
+  group = lambda n: _pow2(min(n, slots))
+  width = run.model_cfg.text.hidden_size
+  images = min(rows, sampler.encode_images)
+
+  def features(batch: int):
+    n = batch * run.image_tokens
+    return replicated((_pow2(n), width), sampler.cache_dtype)
+
+  def encode(_):
+    index = rope.make_vision_index(np.tile(run.grid, (images, 1)), run.model_cfg.vision)
+    pixels = replicated((images * run.patches, run.model_cfg.vision.patch_dim), np.float32)
+    return sampler._jit_encode.lower(params, pixels, _abstract(index, mesh))
+
+  def append(batch: int, length: int, tokens: int):
+    def lower(_):
+      view = paged_kv.PageView(
+        table(batch, tokens),
+        replicated((batch,), np.int32),
+        replicated((batch,), np.int32),
+      )
+      return sampler._jit_append.lower(
+        params,
+        pools,
+        replicated((batch,), np.int32),
+        replicated((batch, length), np.int32),
+        replicated((3, batch, length), np.int32),
+        features(batch),
+        view,
+      )
+
+    return lower
+
+  children = _pow2(c.group_size - 1)
+
+  def fork(_):
+    return sampler._jit_fork.lower(
+      pools,
+      replicated((children,), np.int32),
+      replicated((children,), np.int32),
+      replicated((children,), np.int32),
+      replicated((children,), np.int32),
+    )
+
+  prefill_rows, append_rows = group(prompts), group(rows)
+  programs = [
+    Program(
+      "paged_pools", f"empty KV pools, {pool_text}",
+      run_rules(lambda _: sampler.state_program().lower()), "sampler", devices, resident,
+      fix=fix_pool,
+    ),
+    Program(
+      "encode", f"{images} canvas images per call ({run.patches} patches each; {rows} a turn)",
+      run_rules(encode), "sampler", devices, resident, fix=fix_pool,
+    ),
+    Program(
+      "paged_prefill",
+      f"{prefill_rows} prompts x {prompt_len} tokens ({len(prompt.token_ids)} real) into empty "
+      f"rows", run_rules(append(prefill_rows, prompt_len, prompt_len)), "sampler", devices,
+      resident, fix=fix_pool,
+    ),
+    Program(
+      "paged_fork", f"1 -> {c.group_size - 1} rows (G={c.group_size}): last pages copied",
+      run_rules(fork), "sampler", devices, resident, fix=fix_pool,
+    ),
+    *programs,
+    Program(
+      "paged_append",
+      f"{append_rows} rows x a {append_len}-token turn with an image per row, page tables "
+      f"covering {context} tokens", run_rules(append(append_rows, append_len, context)),
+      "sampler", devices, resident, fix=fix_pool,
+    ),
+  ]  # fmt: skip
+  return programs + _transfer_programs(run, state, params)
 
 
 def _state_out(out_shardings: Any) -> Any:
@@ -1258,7 +1385,7 @@ def check(
   `on_result(results so far)` is called after each program (a 7B program takes minutes).
   """
   programs = train_programs(run) + sampler_programs(run, append_tokens)
-  programs += paged_programs(run, paged_context)
+  programs += paged_programs(run, paged_context, append_tokens)
   unknown = set(only) - {p.name for p in programs}
   if unknown:
     raise ValueError(

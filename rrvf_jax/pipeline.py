@@ -150,6 +150,12 @@ def _validate_grpo(g: ml_collections.ConfigDict) -> None:
   impls, attention = ("xla", "pallas"), g.get("paged_attention", "xla")
   _check(attention in impls, "grpo.paged_attention", f"must be xla or pallas, got {attention!r}")
   _check(g.decode_slots >= 0, "grpo.decode_slots", f"must be >= 0, got {g.decode_slots}")
+  pool = g.get("pool_tokens", 0)
+  _check(
+    pool == 0 or pool >= g.max_total_tokens,
+    "grpo.pool_tokens",
+    f"must be 0 or hold one row's max_total_tokens={g.max_total_tokens}, got {pool}",
+  )
   keys = ("prompts_per_step", "group_size", "max_turns", "max_new_tokens", "max_response_tokens")
   for key in (*keys, "epochs"):
     _check(g[key] > 0, f"grpo.{key}", f"must be positive, got {g[key]}")

@@ -134,7 +134,7 @@ def _check_fields(results):
 
 def test_tiny_train_programs_compile_with_the_table_fields(tmp_path):
   # The sampler's appended turn is compiled here too: memory_plan takes its temporaries.
-  run = make_run(tmp_path)
+  run = make_run(tmp_path, **{"grpo.engine": "lock_step"})
   results = compile_check.check(run, only=["sft_step", "grpo_step", "append"])
   by_name = _check_fields(results)
   append = by_name.pop("append")
@@ -195,7 +195,7 @@ def test_tiny_train_programs_compile_with_the_table_fields(tmp_path):
 
 def test_tiny_sampler_programs_compile_with_the_table_fields(tmp_path):
   # A sampler that splits the weights over tensor (no all-gather in the decode loop).
-  run = make_run(tmp_path, **{"roles.sampler_tensor": 4})
+  run = make_run(tmp_path, **{"roles.sampler_tensor": 4, "grpo.engine": "lock_step"})
   sampler = ["cache_init", "encode", "prefill", "fork", "decode", "append", "transfer"]
   results = compile_check.check(run, only=["logprobs", *sampler])
   by_name = _check_fields(results)
@@ -208,9 +208,44 @@ def test_tiny_sampler_programs_compile_with_the_table_fields(tmp_path):
   assert "HBM bound" in compile_check.format_table(results, run)
 
 
+def test_tiny_paged_programs_compile_with_the_table_fields(tmp_path):
+  # The default engine's rollout: its own programs, none of the lock-step cache's.
+  run = make_run(tmp_path, **{"roles.sampler_tensor": 4})
+  names = [p.name for p in compile_check.paged_programs(run)]
+  assert names == [
+    "paged_pools", "encode", "paged_prefill", "paged_fork", "paged_decode", "paged_append",
+    "transfer",
+  ]  # fmt: skip
+  assert compile_check.sampler_programs(run) == []
+  results = compile_check.check(run, only=[n for n in names if n != "encode"])
+  by_name = _check_fields(results)
+  assert by_name["paged_pools"].outputs > 0
+  # Prefill, fork, decode and append donate the pools: the new pools alias the old ones.
+  pools = by_name["paged_pools"].outputs
+  for name in ("paged_prefill", "paged_fork", "paged_decode", "paged_append"):
+    assert by_name[name].aliased >= pools * 0.99, name
+  assert "16 rows x a 128-token turn" in by_name["paged_append"].what
+  assert "covering 1024 tokens" in by_name["paged_append"].what
+  assert by_name["paged_prefill"].what.startswith("4 prompts x 256 tokens")
+  assert by_name["paged_fork"].what.startswith("1 -> 3 rows (G=4)")
+  decode = by_name["paged_decode"]
+  assert decode.bound_s > 0 and decode.decode_gathers == []
+  with pytest.raises(ValueError, match="unknown \\['decode'\\]"):
+    compile_check.check(run, only=["decode"])
+
+
+def test_colocated_fsdp_paged_sampler_gathers_weights_every_token(tmp_path):
+  # The paged decode loop on the trainer's FSDP mesh gathers weights too, and says so.
+  run = make_run(tmp_path)
+  (decode,) = compile_check.check(run, only=["paged_decode"])
+  assert not decode.ok and decode.decode_gathers
+  assert decode.failure.startswith("FAIL paged_decode on v5p:2x2x1")
+  assert "--config.roles.sampler_tensor=4" in decode.failure
+
+
 def test_colocated_fsdp_sampler_gathers_weights_every_token(tmp_path):
   # The demo layout on 4 chips: the sampler decodes with the trainer's FSDP-sharded weights.
-  run = make_run(tmp_path)
+  run = make_run(tmp_path, **{"grpo.engine": "lock_step"})
   results = compile_check.check(run, only=["cache_init", "prefill", "fork", "decode"])
   decode = results[-1]
   assert not decode.ok and decode.decode_gathers
@@ -232,6 +267,7 @@ def test_layout_that_cannot_fit_is_one_line(capsys, tmp_path):
     "--config.grpo.max_new_tokens=16384",
     "--config.grpo.max_response_tokens=1024",
     "--config.roles.sampler_tensor=4",
+    "--config.grpo.engine=lock_step",
     "--programs=append",
     f"--json={tmp_path / 'out.json'}",
   ]
@@ -270,6 +306,7 @@ def test_append_attends_a_block_of_queries_at_a_time(tmp_path, monkeypatch):
       "grpo.max_response_tokens": 1024,
       "grpo.prompts_per_step": 16,
       "mesh.fsdp": 4,
+      "grpo.engine": "lock_step",
     },
   )
   assert run.stage.cache_length == 8576

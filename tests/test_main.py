@@ -153,11 +153,13 @@ def test_grpo_stage_on_the_lock_step_engine_and_few_paged_slots(tmp_path, data_d
   engine = ["--config.grpo.decode_slots=4"]
   config = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL, *engine])
   config.grpo.decode_steps = 8
+  # A shared pool of three rows' budgets (grpo.pool_tokens) for the 8 rows, not 8 budgets.
+  config.grpo.pool_tokens = 3 * config.grpo.max_total_tokens
   summary = pipeline.run(config, str(tmp_path))
   records = metrics.read_jsonl(tmp_path / "grpo" / "metrics.jsonl")
   assert [r["step"] for r in records] == [1, 2]
   assert max(r["grpo/logprob_mismatch_max"] for r in records) < 1e-3
-  assert all(r["rollout/kv_slots_peak"] > 0 for r in records)
+  assert all(0 < r["rollout/kv_slots_peak"] <= config.grpo.pool_tokens for r in records)
   assert summary["grpo"]["after"]["items"] == 2
 
 
@@ -266,6 +268,12 @@ def test_cli_rejects_a_bad_value(tmp_path):
     "--config.grpo.paged_attention=mosaic",
   )
   _assert_one_line_error(out, "config.grpo.paged_attention must be xla or pallas, got 'mosaic'")
+  out = _main(
+    "--config=configs/chart.py:demo", f"--workdir={tmp_path}", "--config.grpo.pool_tokens=1000"
+  )
+  _assert_one_line_error(
+    out, "config.grpo.pool_tokens must be 0 or hold one row's max_total_tokens=1280, got 1000"
+  )
 
 
 def test_cli_rejects_a_missing_checkpoint_directory(tmp_path):

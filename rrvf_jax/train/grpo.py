@@ -284,11 +284,16 @@ def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int |
   model = nnx.merge(graphdef, to_sampler_mesh(stage, params))
   placement = {"mesh": stage.sampler_mesh or stage.mesh, "rules": stage.rules}
   if c.get("engine", "lock_step") == "paged":
-    # Every row's pages hold its own budget (max_total_tokens); no bucket padding to reserve.
+    # Every row's pages hold its own budget (max_total_tokens; no bucket padding to reserve), or
+    # the rows share a pool of grpo.pool_tokens and wait for pages when it is full.
+    pool = c.get("pool_tokens", 0)
+    size = {"row_tokens": c.max_total_tokens}
+    if pool:
+      size = {"num_pages": -(-pool // c.page_size) + 1}
     sampler = paged.PagedSampler(
       model,
       stage.tokenizer,
-      row_tokens=c.max_total_tokens,
+      **size,
       page_size=c.page_size,
       decode_slots=c.decode_slots or None,
       decode_steps=c.decode_steps,
