@@ -660,10 +660,12 @@ def _with_compiled(
   table: list[Row], compiled: Mapping[str, Mapping[str, Any]]
 ) -> tuple[list[Row], str]:
   """`table` with the estimates replaced by compile_check's temporaries; and a note on the swap."""
-  missing = {"grpo_step", "append"} - set(compiled)
+  # The appended tool turn: the lock-step engine's `append` or the paged engine's `paged_append`.
+  appends = [name for name in ("append", "paged_append") if name in compiled]
+  missing = {"grpo_step"} - set(compiled) | (set() if appends else {"append or paged_append"})
   if missing:
     raise ValueError(f"--compiled: no {sorted(missing)} in the compile_check results")
-  step, append = compiled["grpo_step"], compiled["append"]
+  step, append = compiled["grpo_step"], compiled[appends[0]]
   exact = sum(r.bytes for r in table if r.how == "exact" and r.name.split(" (")[0] in _ARGUMENTS)
   if exact != step["arguments_logical"]:
     raise ValueError(

@@ -188,6 +188,13 @@ def test_tiny_train_programs_compile_with_the_table_fields(tmp_path):
   )
   # Parameters, optimiser state, batch and layout padding: the step's arguments, plus its temps.
   assert planned.phase("static") + planned.phase("train") == step.arguments + step.temporaries
+  # A paged run's appended turn is `paged_append`: the plan takes either.
+  paged = {"grpo_step": step.as_dict(), "paged_append": append.as_dict()}
+  assert memory_plan.trainer_plan(run.model_cfg, sizes, compiled=paged, **kwargs).rows == (
+    planned.rows
+  )
+  with pytest.raises(ValueError, match="no \\['append or paged_append'\\]"):
+    memory_plan.trainer_plan(run.model_cfg, sizes, compiled={"grpo_step": {}}, **kwargs)
   compiled["grpo_step"] = step.as_dict() | {"arguments_logical": plan + 1}
   with pytest.raises(ValueError, match="another layout"):
     memory_plan.trainer_plan(run.model_cfg, sizes, compiled=compiled, **kwargs)
