@@ -124,14 +124,48 @@ def dot_flops(instruction: Instruction, shapes: dict[str, tuple[Array, ...]]) ->
     dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instruction.attributes)
     contracted = [int(d) for d in dims.group(1).split(",") if d] if dims else []
     return 2 * outputs * math.prod(lhs[0].dims[d] for d in contracted)
-  labels = re.search(r"dim_labels=\w+_(\w+)->", instruction.attributes)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instruction.attributes)
   if not labels:
     return 0
+  lhs_labels, kernel_labels, out_labels = labels.groups()
   kernel = rhs[0].dims
-  size = math.prod(
-    kernel[i] for i, label in enumerate(labels.group(1)) if label == "i" or label.isdigit()
-  )
-  return 2 * outputs * size
+  features = math.prod(kernel[i] for i, label in enumerate(kernel_labels) if label == "i")
+  taps = 1.0
+  for d in sorted({c for c in kernel_labels if c.isdigit()}):
+    size_in = lhs[0].dims[lhs_labels.index(d)]
+    size_out = instruction.result[0].dims[out_labels.index(d)]
+    taps *= _real_taps(
+      instruction.attributes, int(d), size_in, size_out, kernel[kernel_labels.index(d)]
+    )
+  return int(2 * outputs * features * taps)
+
+
+def _window(attributes: str, key: str, dim: int, default: int) -> int:
+  """One spatial dim's value of a convolution's `window={...}` field (`size=2x4`, `pad=0_0x3_3`)."""
+  found = re.search(rf"\b{key}=([0-9_x]+)", attributes.split("window={", 1)[-1].split("}", 1)[0])
+  if not found:
+    return default
+  return int(found.group(1).split("x")[dim].split("_")[0])
+
+
+def _real_taps(attributes: str, dim: int, size_in: int, size_out: int, size_k: int) -> float:
+  """Mean number of kernel taps per output position of a spatial dim that land on input values.
+
+  The TPU compiler writes some dot_generals as convolutions whose batch dims are spatial dims
+  with a dilated input and padding, so that each output sees one tap: counting the whole window
+  would count 8x the FLOPs of a grouped-query attention tile.
+  """
+  lhs_dilate = _window(attributes, "lhs_dilate", dim, 1)
+  rhs_dilate = _window(attributes, "rhs_dilate", dim, 1)
+  stride = _window(attributes, "stride", dim, 1)
+  pad_low = _window(attributes, "pad", dim, 0)
+  dilated = (size_in - 1) * lhs_dilate + 1
+  real = 0
+  for out in range(size_out):
+    for tap in range(size_k):
+      at = out * stride + tap * rhs_dilate - pad_low
+      real += 0 <= at < dilated and at % lhs_dilate == 0
+  return real / max(size_out, 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,6 +104,29 @@ def test_hlo_counts_loop_bodies_by_their_trips():
   assert flops <= plain.cost_analysis()["flops"] < 1.05 * flops
 
 
+def test_hlo_counts_grouped_attention_written_as_a_convolution():
+  # Regression: the TPU compiler writes the flash tiles' grouped-query einsums (two batch dims)
+  # as convolutions whose batch dims are spatial ones with a dilated input and padding; counting
+  # the whole window gave 8x their FLOPs (4 query heads per kv head x 2 kv heads).
+  from rrvf_jax.models.qwen_vl import flash
+
+  mesh = v5p_mesh()
+  sharded = lambda shape, dtype: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=NamedSharding(mesh, PartitionSpec())
+  )
+  q = sharded((1, 2048, 8, 128), jnp.bfloat16)
+  kv = sharded((1, 2048, 2, 128), jnp.bfloat16)
+  mask = sharded((1, 2048, 2048), jnp.bool_)
+  attend = lambda q, k, v, m: flash.flash_attention(
+    q, k, v, m, scale=0.1, block_q=256, block_k=256, causal=True
+  )
+  compiled = jax.jit(attend).lower(q, kv, kv, mask).compile()
+  assert "convolution" in compiled.as_text()
+  tiles = 8 * 9 // 2  # the causal tiles of 8 x 8 blocks
+  per_tile = 2 * (2 * 256 * 256 * 8 * 128)  # scores and probabilities x values
+  assert hlo.summarize(compiled.as_text()).flops == tiles * per_tile
+
+
 def test_hlo_finds_collectives_and_their_bytes():
   mesh = v5p_mesh()
   w = jax.ShapeDtypeStruct(
@@ -239,6 +262,10 @@ def test_tiny_paged_programs_compile_with_the_table_fields(tmp_path):
   assert decode.bound_s > 0 and decode.decode_gathers == []
   with pytest.raises(ValueError, match="unknown \\['decode'\\]"):
     compile_check.check(run, only=["decode"])
+  # grpo.append_rows caps the rows of an appended turn (the v5p-8 paper layout needs 64 of 256).
+  fewer = make_run(tmp_path, **{"roles.sampler_tensor": 4, "grpo.append_rows": 4})
+  (append,) = [p for p in compile_check.paged_programs(fewer) if p.name == "paged_append"]
+  assert append.what.startswith("4 rows x a 128-token turn")
 
 
 def test_colocated_fsdp_paged_sampler_gathers_weights_every_token(tmp_path):
