@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   # multiple of 128 dims, a bfloat16 model). Appended turns always use xla.
   c.grpo.paged_attention = "xla"
   c.grpo.decode_slots = 0  # paged: rows decoded together at most (0: every row of the rollout).
+  # paged: rows per call of an appended turn (prompt or tool response) at most (0: decode_slots);
+  # bounds the append's attention scores over the rows' pages.
+  c.grpo.append_rows = 0
   # paged: the host sampler's KV pool in tokens (0: every row's max_total_tokens, never short). A
   # smaller pool makes rows wait for pages; a pool that every waiting row fills is an error (no
   # preemption), so keep it well above a few rows' worst case.
@@ -111,7 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo.epochs = 1  # Passes over each rollout batch (> 1: old-policy ratios differ from 1).
   c.grpo.mini_batches = 1  # Optimiser steps per pass (the rollout batch split in rows).
   c.grpo.micro_batches = 8  # Gradient-accumulation micro-batches per mini-batch.
-  c.grpo.remat = "dots"  # Rematerialisation: none, dots or full.
+  # Rematerialisation: none, dots or full. At 30,720-token trajectories (one row per chip) only
+  # full fits: 7B on v5p-64 needs 123 GiB per chip with dots, 30 GiB with full (compile_check).
+  c.grpo.remat = "full"
   c.grpo.chunk_size = 512  # Sequence chunk of the LM head + log-softmax.
   c.grpo.log_every = 1  # Steps between metric writes and progress lines.
   c.grpo.images_every = 10  # Steps between target/render image pairs (0: never).

@@ -875,6 +875,7 @@ def paged_programs(run: Run, context: int = 0, append_tokens: int = 0) -> list[P
       page_size=c.page_size,
       decode_slots=slots,
       decode_steps=c.decode_steps,
+      append_rows=c.get("append_rows", 0) or None,
       mesh=mesh,
       rules=rules,
       attention_impl=impl,
@@ -890,7 +891,8 @@ def paged_programs(run: Run, context: int = 0, append_tokens: int = 0) -> list[P
   fix_pool = (
     f"fewer rows per sampler device: more devices per host sampler (--config.roles."
     f"sampler_tensor), fewer prompts per host (grpo.prompts_per_step={c.prompts_per_step}), "
-    f"fewer decode slots (grpo.decode_slots={c.decode_slots}), a smaller pool than every row's "
+    f"fewer rows per append (grpo.append_rows={c.get('append_rows', 0)}), fewer decode slots "
+    f"(grpo.decode_slots={c.decode_slots}), a smaller pool than every row's "
     f"budget (grpo.pool_tokens={pool}) or a shorter row budget (grpo.max_total_tokens="
     f"{c.max_total_tokens})"
   )
@@ -968,7 +970,7 @@ def paged_programs(run: Run, context: int = 0, append_tokens: int = 0) -> list[P
   prompt_len = sampler_lib.bucket_length(len(prompt.token_ids), sampler.buckets)
   append_len = sampler_lib.bucket_length(append_tokens or c.max_response_tokens, sampler.buckets)
   # Appends go `append_rows or slots` rows a call, padded to a power of two (PagedSampler.append).
-  group = lambda n: _pow2(min(n, slots))
+  group = lambda n: _pow2(min(n, c.get("append_rows", 0) or slots))
   width = run.model_cfg.text.hidden_size
   images = min(rows, sampler.encode_images)
 

@@ -150,6 +150,8 @@ def _validate_grpo(g: ml_collections.ConfigDict) -> None:
   impls, attention = ("xla", "pallas"), g.get("paged_attention", "xla")
   _check(attention in impls, "grpo.paged_attention", f"must be xla or pallas, got {attention!r}")
   _check(g.decode_slots >= 0, "grpo.decode_slots", f"must be >= 0, got {g.decode_slots}")
+  append_rows = g.get("append_rows", 0)
+  _check(append_rows >= 0, "grpo.append_rows", f"must be >= 0, got {append_rows}")
   pool = g.get("pool_tokens", 0)
   _check(
     pool == 0 or pool >= g.max_total_tokens,

@@ -155,6 +155,7 @@ def test_grpo_stage_on_the_lock_step_engine_and_few_paged_slots(tmp_path, data_d
   config.grpo.decode_steps = 8
   # A shared pool of three rows' budgets (grpo.pool_tokens) for the 8 rows, not 8 budgets.
   config.grpo.pool_tokens = 3 * config.grpo.max_total_tokens
+  config.grpo.append_rows = 2  # tool responses and prompts two rows a call
   summary = pipeline.run(config, str(tmp_path))
   records = metrics.read_jsonl(tmp_path / "grpo" / "metrics.jsonl")
   assert [r["step"] for r in records] == [1, 2]

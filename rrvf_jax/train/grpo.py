@@ -297,6 +297,7 @@ def make_sampler(stage: sft_loop.Stage, graphdef, params, *, cache_length: int |
       page_size=c.page_size,
       decode_slots=c.decode_slots or None,
       decode_steps=c.decode_steps,
+      append_rows=c.get("append_rows", 0) or None,
       attention_impl=c.get("paged_attention", "xla"),
       **placement,
     )
