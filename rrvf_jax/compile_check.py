@@ -214,13 +214,14 @@ def forward_flops(
   """Model FLOPs of one forward over `rows` x `length` tokens and `images` of `patches` patches.
 
   2 x matmul weights per token (decoder layers and the LM head) and per patch (vision blocks; the
-  merger per merged unit), plus attention's 4 x keys x width per query and layer (XLA computes
-  the dense scores, so a causal mask saves nothing; windows bound the vision blocks' keys).
+  merger per merged unit), plus attention's 4 x keys x width per query and layer: the decoder's
+  causal queries see (length + 1) / 2 keys on average (its attention skips the hidden tiles),
+  the vision blocks' all the patches of their window or image.
   """
   t, v = cfg.text, cfg.vision
   tokens = rows * length
   flops = 2.0 * tokens * (_kernels(params, "text.layers") + t.vocab_size * t.hidden_size)
-  flops += 4.0 * tokens * length * t.num_layers * t.num_heads * t.head_dim
+  flops += 4.0 * tokens * (length + 1) / 2 * t.num_layers * t.num_heads * t.head_dim
   p = images * patches
   flops += 2.0 * p * (_kernels(params, "visual.patch_embed") + _kernels(params, "visual.blocks"))
   flops += 2.0 * (p // v.merge_unit) * _kernels(params, "visual.merger")
