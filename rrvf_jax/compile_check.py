@@ -18,10 +18,12 @@ Per program the table gives, per device: arguments, temporaries, outputs and ali
 the compiler's memory analysis, the buffers other programs keep alive meanwhile (the trainer's
 state beside a rollout, the sampler's weights beside an update), and their sum against the chip's
 HBM; then compile seconds, the compiler's FLOPs and estimated seconds, and for train steps the
-model FLOPs per second at that estimate as a fraction of the chip's peak. The MFU column is an
-upper bound from the compiler's cost model, not a measurement. For decode it gives the estimate
-of one step against the HBM-bandwidth bound (weights + KV cache read once per token); the cost
-model does not see inside a Pallas kernel, so a step's kernel reads are added at that bandwidth.
+model FLOPs per second at that estimate as a fraction of the chip's peak. The MFU column comes
+from the compiler's cost model, not a measurement, and where loops of unequal trip counts nest
+(the layer scan around the flash tiles) the scaled estimate is rough. For decode it gives the
+estimate of one step against the HBM-bandwidth bound (weights + KV cache read once per token);
+the cost model does not see inside a Pallas kernel, so a step's kernel reads are added at that
+bandwidth.
 
 XLA's cost analysis counts a loop body once (a scan over 8 micro-batches costs one); the FLOPs
 and seconds shown are scaled by the loops' trip counts (`rrvf_jax.hlo`: matmul FLOPs of every
@@ -1361,8 +1363,8 @@ def format_table(results: Sequence[Result], run: Run) -> str:
     "GiB per device; other = buffers other programs keep alive meanwhile (trainer state beside "
     "the rollout, sampler weights beside the update); est = the compiler's cost model, loops "
     "scaled by their trip counts (n/a: the cost model had no figure for some operations); MFU = "
-    "model FLOPs / est / peak: an upper bound from the compiler's model, not a measurement; "
-    "decode: one step."
+    "model FLOPs / est / peak: the compiler's model, not a measurement (rough where loops of "
+    "unequal trip counts nest); decode: one step."
   )
   if any(r.kernel_s is not None for r in results):
     lines.append(
