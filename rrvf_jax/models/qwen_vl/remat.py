@@ -57,8 +57,8 @@ def call_layers(layers: Sequence[nnx.Module], x: jax.Array, *args: Any) -> jax.A
   layers' (sharded) parameters; their gradient flows back to each layer's own.
   """
   policy = _POLICY.get()
-  splits = [nnx.split(layer) for layer in layers]
-  if policy is None or len(splits) < 2 or any(g != splits[0][0] for g, _ in splits):
+  splits = [nnx.split(layer) for layer in layers] if policy is not None else []
+  if len(splits) < 2 or any(g != splits[0][0] for g, _ in splits):
     for layer in layers:
       x = call_layer(layer, x, *args)
     return x
