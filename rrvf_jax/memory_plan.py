@@ -53,7 +53,7 @@ DEFAULTS = {
   "max_total_tokens": 30720,
   "mini_batches": 1,
   "micro_batches": 8,
-  "remat": "dots",
+  "remat": "full",
   "chunk_size": 512,
   "image_size": 672,
 }
