@@ -1,7 +1,7 @@
 """Memory-efficient attention in pure JAX: an online softmax over key blocks, recomputed backward.
 
 The dense path (`layers.attention`) keeps `[B, N, T, S]` float32 scores; at the paper preset's
-32,768-token trajectories that is 7.5 GiB per row and layer for one block of queries, and the
+32,768-token trajectories that is 7 GiB per row and layer for one block of queries, and the
 backward keeps every block's probabilities (compile_check). Here a query block walks the key
 blocks with a running max and sum (the FlashAttention recurrence), so the largest buffer is one
 `[B, K, G, block_q, block_k]` tile; the forward saves only the output and the log-sum-exp, and the
