@@ -669,10 +669,34 @@ def _pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+def _turn_lengths(run: Run, buckets: Sequence[int], append_tokens: int) -> tuple[int, int, int]:
+  """(real prompt tokens, prompt bucket, appended-turn bucket) of the run's rollout.
+
+  The prompt is one canvas-sized target image with the stage's instruction, system prompt and
+  tools; the longest appended tool turn is grpo.max_response_tokens (the episode's cap), unless
+  `append_tokens` says otherwise.
+  """
+  from rrvf_jax.rollout import answer_check
+  from rrvf_jax.rollout import sampler as sampler_lib
+
+  config = run.config
+  canvas = np.zeros((config.image.height, config.image.width, 3), np.uint8)
+  prompt = answer_check.prompt_segment(
+    run.tokenizer,
+    canvas,
+    instruction=run.stage.instruction,
+    proc_cfg=run.proc_cfg,
+    system_prompt=run.stage.system_prompt,
+    tools=run.stage.tools,
+  )
+  real = len(prompt.token_ids)
+  append = append_tokens or config.grpo.max_response_tokens
+  return real, sampler_lib.bucket_length(real, buckets), sampler_lib.bucket_length(append, buckets)
+
+
 def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
   """The lock-step engine's rollout on one host's sampler: cache, encode, prefill, fork, decode,
   append (none for a paged run)."""
-  from rrvf_jax.rollout import answer_check
   from rrvf_jax.rollout import sampler as sampler_lib
   from rrvf_jax.train import grpo
   from rrvf_jax.train import state as state_lib
@@ -695,18 +719,7 @@ def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
   )
   prompts = c.prompts_per_step // run.hosts
   rows = prompts * c.group_size
-  canvas = np.zeros((config.image.height, config.image.width, 3), np.uint8)
-  prompt = answer_check.prompt_segment(
-    run.tokenizer,
-    canvas,
-    instruction=run.stage.instruction,
-    proc_cfg=run.proc_cfg,
-    system_prompt=run.stage.system_prompt,
-    tools=run.stage.tools,
-  )
-  prompt_len = sampler_lib.bucket_length(len(prompt.token_ids), sampler.buckets)
-  # The longest appended tool turn: the episode caps a tool response at grpo.max_response_tokens.
-  append_len = sampler_lib.bucket_length(append_tokens or c.max_response_tokens, sampler.buckets)
+  real_prompt, prompt_len, append_len = _turn_lengths(run, sampler.buckets, append_tokens)
   replicated = lambda shape, dtype: _sds(shape, dtype, mesh)  # what jit makes of host arrays
   width = run.model_cfg.text.hidden_size
   dtype = sampler.cache_dtype
@@ -796,7 +809,7 @@ def sampler_programs(run: Run, append_tokens: int = 0) -> list[Program]:
       "sampler", devices, resident, fix=fix_rows,
     ),
     Program(
-      "prefill", f"{prompts} prompts x {prompt_len} tokens ({len(prompt.token_ids)} real)",
+      "prefill", f"{prompts} prompts x {prompt_len} tokens ({real_prompt} real)",
       run_rules(append(prompts, prompt_len, "cache_init")), "sampler", devices, resident,
       fix=fix_rows,
     ),
@@ -835,9 +848,8 @@ def paged_programs(run: Run, context: int = 0, append_tokens: int = 0) -> list[P
   and the row adds the kernel's reads at HBM bandwidth (`kernel_s`).
   """
   from rrvf_jax.models.qwen_vl import paged_kv
-  from rrvf_jax.rollout import answer_check, paged_engine
   from rrvf_jax.rollout import paged as paged_lib
-  from rrvf_jax.rollout import sampler as sampler_lib
+  from rrvf_jax.rollout import paged_engine
   from rrvf_jax.train import grpo
   from rrvf_jax.train import state as state_lib
 
@@ -961,17 +973,7 @@ def paged_programs(run: Run, context: int = 0, append_tokens: int = 0) -> list[P
   if not is_paged:  # --paged_context on a lock-step run: the decode loops only
     return programs
 
-  canvas = np.zeros((config.image.height, config.image.width, 3), np.uint8)
-  prompt = answer_check.prompt_segment(
-    run.tokenizer,
-    canvas,
-    instruction=run.stage.instruction,
-    proc_cfg=run.proc_cfg,
-    system_prompt=run.stage.system_prompt,
-    tools=run.stage.tools,
-  )
-  prompt_len = sampler_lib.bucket_length(len(prompt.token_ids), sampler.buckets)
-  append_len = sampler_lib.bucket_length(append_tokens or c.max_response_tokens, sampler.buckets)
+  real_prompt, prompt_len, append_len = _turn_lengths(run, sampler.buckets, append_tokens)
   # Appends go `append_rows or slots` rows a call, padded to a power of two (PagedSampler.append).
   group = lambda n: _pow2(min(n, c.get("append_rows", 0) or slots))
   width = run.model_cfg.text.hidden_size
@@ -1029,7 +1031,7 @@ def paged_programs(run: Run, context: int = 0, append_tokens: int = 0) -> list[P
     ),
     Program(
       "paged_prefill",
-      f"{prefill_rows} prompts x {prompt_len} tokens ({len(prompt.token_ids)} real) into empty "
+      f"{prefill_rows} prompts x {prompt_len} tokens ({real_prompt} real) into empty "
       f"rows", run_rules(append(prefill_rows, prompt_len, prompt_len)), "sampler", devices,
       resident, fix=fix_pool,
     ),
