@@ -116,10 +116,8 @@ def test_hlo_counts_grouped_attention_written_as_a_convolution():
   )
   q = sharded((1, 2048, 8, 128), jnp.bfloat16)
   kv = sharded((1, 2048, 2, 128), jnp.bfloat16)
-  mask = sharded((1, 2048, 2048), jnp.bool_)
-  attend = lambda q, k, v, m: flash.flash_attention(
-    q, k, v, m, scale=0.1, block_q=256, block_k=256, causal=True
-  )
+  mask = sharded((1, 2048), jnp.bool_)
+  attend = lambda q, k, v, m: flash.causal_flash_attention(q, k, v, m, scale=0.1, block=256)
   compiled = jax.jit(attend).lower(q, kv, kv, mask).compile()
   assert "convolution" in compiled.as_text()
   tiles = 8 * 9 // 2  # the causal tiles of 8 x 8 blocks

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rrvf_jax import sharding as sharding_lib
 from rrvf_jax.models.qwen_vl import rope
-from rrvf_jax.models.qwen_vl.model import ModelInputs, causal_mask
+from rrvf_jax.models.qwen_vl.model import ModelInputs
 
 Image = tuple[np.ndarray, np.ndarray]  # (pixel_values [P, D], image_grid_thw [1, 3]) of one image
 
@@ -78,7 +78,7 @@ def row_slot_hidden_states(model, inputs: ModelInputs) -> jax.Array:
   features = model.encode_canvas_images(inputs.pixel_values, inputs.vision_index)
   # Each row's image slots are its own: feature indices never span rows.
   embeds = model.embed_with_row_features(inputs.input_ids, features)
-  return model.text(embeds, inputs.positions, causal_mask(inputs.attention_mask))
+  return model.text(embeds, inputs.positions, inputs.attention_mask)
 
 
 def stack_micro_batches(batches: Sequence[Any]) -> Any:

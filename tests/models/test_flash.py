@@ -1,12 +1,13 @@
 """Memory-efficient attention (flash.py) against the dense path: outputs and gradients."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rrvf_jax.models.qwen_vl import flash, layers
-from rrvf_jax.models.qwen_vl.model import causal_mask
+from rrvf_jax.models.qwen_vl.layers import causal_mask
 
 
 def _inputs(seed, b=2, t=64, s=64, n=4, kv=2, h=8, dtype=jnp.float32):
@@ -39,9 +40,14 @@ def test_flash_equals_dense_attention_and_its_gradients(causal, blocks):
   weights = real[:, :, None, None].astype(jnp.float32)
   scale = 0.35
   dense = lambda q, k, v: layers.attention(q, k, v, mask, scale=scale)
-  tiled = lambda q, k, v: flash.flash_attention(
-    q, k, v, mask, scale=scale, block_q=blocks[0], block_k=blocks[1], causal=causal
-  )
+  if causal:  # the tile masks come from the keys' validity alone
+    tiled = lambda q, k, v: flash.causal_flash_attention(
+      q, k, v, real, scale=scale, block=blocks[0]
+    )
+  else:
+    tiled = lambda q, k, v: flash.flash_attention(
+      q, k, v, mask, scale=scale, block_q=blocks[0], block_k=blocks[1]
+    )
   np.testing.assert_allclose(tiled(q, k, v) * weights, dense(q, k, v) * weights, atol=2e-6)
   want = jax.grad(_loss(dense, d_out, weights), argnums=(0, 1, 2))(q, k, v)
   got = jax.grad(_loss(tiled, d_out, weights), argnums=(0, 1, 2))(q, k, v)
@@ -52,8 +58,9 @@ def test_flash_equals_dense_attention_and_its_gradients(causal, blocks):
 def test_flash_matches_a_float64_reference_in_bfloat16():
   # bf16 inputs: the tiles' float32 softmax keeps the error at the dense path's own.
   q, k, v, _ = _inputs(2, b=1, t=128, s=128, dtype=jnp.bfloat16)
-  mask = causal_mask(jnp.ones((1, 128), jnp.int32))
-  got = flash.flash_attention(q, k, v, mask, scale=0.3, block_q=32, block_k=32, causal=True)
+  real = jnp.ones((1, 128), jnp.int32)
+  mask = causal_mask(real)
+  got = flash.causal_flash_attention(q, k, v, real, scale=0.3, block=32)
   q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
   k64, v64 = np.repeat(k64, 2, axis=2), np.repeat(v64, 2, axis=2)
   scores = np.einsum("btnh,bsnh->bnts", q64, k64) * 0.3
@@ -66,12 +73,17 @@ def test_flash_matches_a_float64_reference_in_bfloat16():
   assert np.abs(np.asarray(got, np.float64) - want).max() <= max(dense_err, 1e-2)
 
 
-def test_causal_flash_skips_the_tiles_above_the_diagonal():
-  # With every key visible, causal=True still stops each query block at its diagonal tile: query
-  # block i sees keys [0, 16 (i + 1)) and nothing after (those tiles are never computed).
+def test_causal_flash_skips_the_tiles_above_the_diagonal(monkeypatch):
+  # With the causal cut taken out of the tile masks (every key visible), each query block still
+  # stops at its diagonal tile: query block i sees keys [0, 16 (i + 1)) and nothing after (those
+  # tiles are never computed).
   q, k, v, _ = _inputs(3, b=1, t=128, s=128)
-  everything = jnp.ones((1, 128, 128), bool)
-  got = flash.flash_attention(q, k, v, everything, scale=1.0, block_q=16, block_k=16, causal=True)
+  real = jnp.ones((1, 128), jnp.int32)
+  keys_only = lambda valid, i, j, bq, bk, causal: jnp.broadcast_to(
+    jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, 1)[:, None, :], (valid.shape[0], bq, bk)
+  )
+  monkeypatch.setattr(flash, "_tile_mask", keys_only)
+  got = flash.causal_flash_attention(q, k, v, real, scale=1.0, block=16)
   block_end = (jnp.arange(128) // 16 + 1) * 16
   visited = jnp.arange(128)[None, :] < block_end[:, None]
   want = layers.attention(q, k, v, visited[None], scale=1.0)
@@ -96,16 +108,39 @@ def test_bad_blocks_are_an_error():
   q, k, v, _ = _inputs(4, t=64, s=64)
   with pytest.raises(ValueError, match="must divide"):
     flash.flash_attention(q, k, v, True, scale=1.0, block_q=48, block_k=16)
-  # Fewer keys than queries, unequal blocks, an odd number of blocks.
-  for tq, tk, blocks in [(64, 32, (16, 16)), (64, 64, (32, 16)), (48, 48, (16, 16))]:
+  with pytest.raises(ValueError, match="must divide"):
+    flash.causal_flash_attention(q, k, v, True, scale=1.0, block=48)
+  # Fewer keys than queries; an odd number of blocks.
+  for tq, tk, block in [(64, 32, 16), (48, 48, 16)]:
     with pytest.raises(ValueError, match="causal needs"):
-      flash.flash_attention(
-        q[:, :tq],
-        k[:, :tk],
-        v[:, :tk],
-        True,
-        scale=1.0,
-        block_q=blocks[0],
-        block_k=blocks[1],
-        causal=True,
-      )
+      flash.causal_flash_attention(q[:, :tq], k[:, :tk], v[:, :tk], True, scale=1.0, block=block)
+
+
+def _largest_value(jaxpr) -> int:
+  """Elements of the largest value anywhere in `jaxpr`, its loops and calls included."""
+  sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars]
+  for eqn in jaxpr.eqns:
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      sizes.append(_largest_value(sub))
+  return max(sizes, default=0)
+
+
+def test_a_checkpointed_layer_scan_stacks_nothing_per_tile():
+  # Regression: with fixed-trip fori_loops (scans), JAX split the tile loops under a remat layer
+  # scan and stacked every tile's key slices and masks for the backward, [pairs, tiles, ...]
+  # (compile_check: 8.1 GiB of masks per row of 32,768 tokens at 3B on v6e). No value of the
+  # gradient may be much larger than the layers' stacked inputs.
+  q, k, v, _ = _inputs(5, b=1, t=512, s=512, n=4, kv=2, h=8)
+  real = jnp.ones((1, 512), jnp.int32)
+
+  def loss(q, k, v):
+    @jax.checkpoint
+    def layer(x, w):
+      return x + w * flash.causal_flash_attention(x, k, v, real, scale=0.3, block=32), None
+
+    out, _ = jax.lax.scan(layer, q, jnp.ones(2))
+    return jnp.sum(out)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+  # 16 blocks: stacked key tiles would be 8 pairs x 17 tiles x 512 x 2 x 8 values (68 q's).
+  assert _largest_value(jaxpr) <= 8 * q.size

@@ -57,10 +57,10 @@ class Embeddings:
 class Qwen3TextModel(TextModel):
   """The Qwen3 decoder, taking plain embeddings or `Embeddings` (then with DeepStack)."""
 
-  def __call__(self, x, positions_3bl, mask_bls):
+  def __call__(self, x, positions_3bl, valid_bl):
     if isinstance(x, Embeddings):
-      return super().__call__(x.tokens, positions_3bl, mask_bls, x.deepstack)
-    return super().__call__(x, positions_3bl, mask_bls)
+      return super().__call__(x.tokens, positions_3bl, valid_bl, x.deepstack)
+    return super().__call__(x, positions_3bl, valid_bl)
 
   def cached(
     self, x, positions_3bt, cache: kv_cache.KVCache, offset

@@ -114,24 +114,31 @@ def uses_flash(length: int) -> bool:
   return length >= FLASH_MIN_LENGTH and length % (2 * FLASH_BLOCK) == 0
 
 
-def causal_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float
-) -> jax.Array:
-  """`attention` for a causal `mask` (no query sees a later key), skipping the upper triangle.
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+  """Boolean `[B, L, L]`: query i sees key j when j <= i and j is a real token."""
+  length = attention_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  return causal[None] & (attention_mask[:, None, :] != 0)
 
-  From FLASH_MIN_LENGTH tokens on it is `flash.flash_attention` (tiles of FLASH_BLOCK). Below,
-  the queries are cut into at most CAUSAL_BLOCKS blocks; block [a, b) attends to keys [0, b)
-  only. The keys left out are the ones the mask hides, so the result is `attention`'s (up to float
-  rounding); the work and the largest temporary, `[B, N, T, S]` scores, roughly halve.
+
+def causal_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, *, scale: float
+) -> jax.Array:
+  """`attention` under `causal_mask(key_valid)`, skipping the upper triangle.
+
+  `key_valid` is `[B, S]`, nonzero for real tokens (the batch's `attention_mask`). From
+  FLASH_MIN_LENGTH tokens on it is `flash.causal_flash_attention` (tiles of FLASH_BLOCK), which
+  never builds the `[B, T, S]` mask. Below, the queries are cut into at most CAUSAL_BLOCKS blocks;
+  block [a, b) attends to keys [0, b) only. The keys left out are the ones the mask hides, so the
+  result is `attention`'s (up to float rounding); the work and the largest temporary, `[B, N, T, S]`
+  scores, roughly halve.
   """
   length = q.shape[1]
+  if length == k.shape[1] and uses_flash(length):
+    return flash.causal_flash_attention(q, k, v, key_valid, scale=scale, block=FLASH_BLOCK)
+  mask = jnp.broadcast_to(causal_mask(key_valid), (q.shape[0], length, k.shape[1]))
   if length != k.shape[1] or length <= _MIN_BLOCK:
     return attention(q, k, v, mask, scale=scale)
-  if uses_flash(length):
-    return flash.flash_attention(
-      q, k, v, mask, scale=scale, block_q=FLASH_BLOCK, block_k=FLASH_BLOCK, causal=True
-    )
-  mask = jnp.broadcast_to(mask, (q.shape[0], length, length))
   blocks = min(CAUSAL_BLOCKS, -(-length // _MIN_BLOCK))
   size = -(-length // blocks)
   outs = []

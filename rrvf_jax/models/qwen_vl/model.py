@@ -99,13 +99,6 @@ def _check_image_inputs(cfg: ModelConfig, grid: np.ndarray, pixel_shape, n_image
     )
 
 
-def causal_mask(attention_mask: jax.Array) -> jax.Array:
-  """Boolean `[B, L, L]`: query i sees key j when j <= i and j is a real token."""
-  length = attention_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((length, length), bool))
-  return causal[None] & (attention_mask[:, None, :] != 0)
-
-
 def image_slots(
   input_ids: jax.Array, image_id, num_features: int, *, per_row: bool
 ) -> tuple[jax.Array, jax.Array]:
@@ -241,8 +234,7 @@ class QwenVL(nnx.Module):
 
   def hidden_states(self, inputs: ModelInputs) -> jax.Array:
     """Final-norm hidden states `[B, L, E]`."""
-    mask = causal_mask(inputs.attention_mask)
-    return self.text(self.embed(inputs), inputs.positions, mask)
+    return self.text(self.embed(inputs), inputs.positions, inputs.attention_mask)
 
   def logits(self, hidden_ble: jax.Array) -> jax.Array:
     """LM head (tied to the embedding where the config says so)."""

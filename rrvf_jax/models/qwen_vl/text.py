@@ -44,10 +44,10 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
 
-  def __call__(self, x_ble, cos, sin, mask_bls):
+  def __call__(self, x_ble, cos, sin, valid_bl):
     q, k = self._rotated_qk(x_ble, cos, sin)
     q = sharding.constrain(q, ("batch", "length", "act_heads", None))
-    out = causal_attention(q, k, self.v(x_ble), mask_bls, scale=self.scale)
+    out = causal_attention(q, k, self.v(x_ble), valid_bl, scale=self.scale)
     return self.o(out)
 
   def cached(self, x_bte, cos, sin, mask_bts, k_cache, v_cache, offset):
@@ -96,8 +96,8 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, "embed", **kw)
     self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.attn(self.input_norm(x), cos, sin, mask)
+  def __call__(self, x, cos, sin, valid):
+    x = x + self.attn(self.input_norm(x), cos, sin, valid)
     x = x + self.mlp(self.post_attn_norm(x))
     return sharding.constrain(x, ("batch", "length", "act_embed"))
 
@@ -152,8 +152,8 @@ class TextModel(nnx.Module):
       interleaved=cfg.mrope_interleaved,
     )
 
-  def __call__(self, x_ble, positions_3bl, mask_bls, deepstack=None):
-    """Runs the decoder on embeddings; `mask_bls` is the boolean attention mask, causal.
+  def __call__(self, x_ble, positions_3bl, valid_bl, deepstack=None):
+    """Runs the causal decoder on embeddings; `valid_bl` is nonzero at real tokens (padding: 0).
 
     `deepstack` (optional) adds `deepstack.residual(i)` to the hidden states after layer i for its
     `deepstack.levels` first layers (Qwen3-VL's visual features at the image positions).
@@ -163,9 +163,9 @@ class TextModel(nnx.Module):
       layers = list(self.layers)
       levels = 0 if deepstack is None else deepstack.levels
       for i, layer in enumerate(layers[:levels]):
-        x_ble = remat.call_layer(layer, x_ble, cos, sin, mask_bls)
+        x_ble = remat.call_layer(layer, x_ble, cos, sin, valid_bl)
         x_ble = x_ble + deepstack.residual(i).astype(x_ble.dtype)
-      x_ble = remat.call_layers(layers[levels:], x_ble, cos, sin, mask_bls)
+      x_ble = remat.call_layers(layers[levels:], x_ble, cos, sin, valid_bl)
       return self.norm(x_ble)
 
   def cached(
