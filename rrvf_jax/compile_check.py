@@ -16,7 +16,7 @@ are read (a checkpoint directory's config.json only).
 
 Per program the table gives, per device: arguments, temporaries, outputs and aliased bytes from
 the compiler's memory analysis, the buffers other programs keep alive meanwhile (the trainer's
-state beside a rollout, the sampler's weights beside an update), and their sum against the chip's
+state beside a rollout, the frozen reference beside an update), and their sum against the chip's
 HBM; then compile seconds, the compiler's FLOPs and estimated seconds, and for train steps the
 model FLOPs per second at that estimate as a fraction of the chip's peak. The MFU column comes
 from the compiler's cost model, not a measurement, and where loops of unequal trip counts nest
@@ -565,8 +565,9 @@ def train_programs(run: Run) -> list[Program]:
   tx, schedule = grpo.make_optimizer(c)
   rl_cfg = grpo.rl_config(c)
   graphdef, state = state_lib.abstract_train_state(stage.make_model, tx, mesh=mesh, rules=rules)
-  # Beside an update: the sampler's own copy of the weights, the frozen reference.
-  sampler_copy = 0 if run.placement.colocated else device_bytes(_sampler_params(run))
+  # Beside an update: the frozen reference. The sampler's own weight copy is not there: the GRPO
+  # loop frees it after each rollout where it shares the trainer's devices (`roles.free_copies`),
+  # and a disaggregated sampler keeps it on devices of its own.
   ref = device_bytes(state.params) if c.kl_coef > 0 else 0
   mini = c.prompts_per_step * c.group_size // c.mini_batches
   rows = mini // c.micro_batches
@@ -584,7 +585,7 @@ def train_programs(run: Run) -> list[Program]:
       lower=_lower_step(run, trainer.train_step, state, batch, c.micro_batches),
       kind="train",
       devices=devices,
-      resident=sampler_copy + ref,
+      resident=ref,
       model_flops=3 * forward,
       fix=fix,
     )
@@ -601,7 +602,7 @@ def train_programs(run: Run) -> list[Program]:
         lower=_lower_step(run, micro.train_step, state, grpo_batch(run, 1), 1),
         kind="train",
         devices=devices,
-        resident=sampler_copy + ref,
+        resident=ref,
         model_flops=3 * forward / c.micro_batches,
         fix=fix,
       )
@@ -614,7 +615,7 @@ def train_programs(run: Run) -> list[Program]:
       lower=_lower_step(run, logprobs, state.params, batch, c.micro_batches),
       kind="forward",
       devices=devices,
-      resident=device_bytes(state.opt_state) + sampler_copy + ref,
+      resident=device_bytes(state.opt_state) + ref,
       model_flops=forward,
       fix=fix,
     )
@@ -647,10 +648,6 @@ def _grpo_tx(config: ml_collections.ConfigDict):
   from rrvf_jax.train import grpo
 
   return grpo.make_optimizer(config.grpo)[0]
-
-
-def _sampler_param_bytes(run: Run) -> int:
-  return device_bytes(_sampler_params(run))
 
 
 def _rollout_resident(run: Run, state: Any) -> int:
@@ -1363,7 +1360,7 @@ def format_table(results: Sequence[Result], run: Run) -> str:
   lines += [f"  {r.name}: {r.what}" for r in results]
   lines.append(
     "GiB per device; other = buffers other programs keep alive meanwhile (trainer state beside "
-    "the rollout, sampler weights beside the update); est = the compiler's cost model, loops "
+    "the rollout, the frozen reference beside the update); est = the compiler's cost model, loops "
     "scaled by their trip counts (n/a: the cost model had no figure for some operations); MFU = "
     "model FLOPs / est / peak: the compiler's model, not a measurement (rough where loops of "
     "unequal trip counts nest); decode: one step."

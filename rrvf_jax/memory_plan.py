@@ -515,9 +515,9 @@ def trainer_plan(
 ) -> Plan:
   """The policy's plan: trainer state, one GRPO update, and one rollout (KV cache) per device.
 
-  With `hosts` > 1 each host samples on a mesh of its own devices (`rrvf_jax.roles`), holding its
-  own copy of the weights split over `sampler_tensor` devices; that copy lives through the update
-  too, so it counts as static.
+  With `hosts` > 1 (or `sampler_tensor` > 1) each host samples on a mesh of its own devices
+  (`rrvf_jax.roles`), holding its own copy of the weights split over `sampler_tensor` devices; the
+  GRPO loop frees that copy after each rollout (`roles.free_copies`), so it counts in the rollout.
 
   `compiled`: `rrvf_jax.compile_check`'s results for the same run and layout (its JSON's
   programs, by name). The estimates are then replaced by what the compiler allocates: the GRPO
@@ -565,12 +565,12 @@ def trainer_plan(
   ]
   if kl_coef > 0:
     table.append(Row("reference parameters (kl_coef > 0)", state.param_device, "static", "exact"))
-  if hosts > 1:
+  if hosts > 1 or sampler_tensor > 1:
     table.append(
       Row(
         f"sampler weights (a copy per host, tensor={sampler_tensor})",
         sampler_weight_bytes(cfg, jdtype, sizes, rules, hosts, sampler_tensor),
-        "static",
+        "rollout",  # freed after each rollout (roles.free_copies), so not beside the update
         "exact",
       )
     )

@@ -175,6 +175,34 @@ def transfer(params: Any, roles: Roles, shardings: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
+def shares_devices(roles: Roles) -> bool:
+  """Whether the sampler's devices are (some of) the trainer's: its weights take trainer HBM."""
+  return bool(set(roles.sampler_mesh.devices.flat) & set(roles.trainer_mesh.devices.flat))
+
+
+def free_copies(copy: Any, original: Any) -> int:
+  """Deletes the arrays of `copy` (a `transfer` of `original`) that hold buffers of their own.
+
+  Between rollouts the sampler's weights are dead until the next `transfer`, and beside the update
+  they take HBM the trainer needs (compile_check: 4.09 GiB per chip at 3B on v6e-8). A leaf that
+  shares any device buffer with `original` (a colocated sampler, or a reshard that changed
+  nothing) is left alone. Returns the bytes freed on this host's devices.
+  """
+  freed = 0
+  for c, o in zip(jax.tree.leaves(copy), jax.tree.leaves(original), strict=True):
+    if c is o or c.is_deleted():
+      continue
+    if _buffers(c) & _buffers(o):
+      continue
+    freed += sum(s.data.nbytes for s in c.addressable_shards)
+    c.delete()
+  return freed
+
+
+def _buffers(x: jax.Array) -> set[int]:
+  return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+
+
 def fully_replicated_local(params: Any) -> Any:
   """`params` with a full copy on each of this host's devices (readable from host memory)."""
   if all(x.is_fully_addressable for x in jax.tree.leaves(params)):

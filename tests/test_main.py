@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import chart, web
-from rrvf_jax import metrics, pipeline
+from rrvf_jax import metrics, pipeline, roles
 from rrvf_jax.models import qwen_vl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,13 +143,24 @@ def test_grpo_stage_logs_what_it_did(tmp_path, data_dir):
   assert {"2"} <= set(os.listdir(tmp_path / "grpo" / "checkpoints"))
 
 
-def test_grpo_stage_on_the_lock_step_engine_and_few_paged_slots(tmp_path, data_dir):
+def test_grpo_stage_on_the_lock_step_engine_and_few_paged_slots(tmp_path, data_dir, monkeypatch):
   # The lock-step engine, and the paged one (the default) with rows streaming through 4 decode
-  # slots, 8 tokens a call: the trainer's log-probs agree with the sampler's on both.
-  lock = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL, "--config.grpo.engine=lock_step"])
+  # slots, 8 tokens a call: the trainer's log-probs agree with the sampler's on both. The
+  # lock-step run samples on a mesh of its own (tensor=2) over the trainer's devices: its weight
+  # copy is freed after each rollout and the next step's sampler gets the updated weights.
+  freed = []
+  free_copies = roles.free_copies
+  monkeypatch.setattr(roles, "free_copies", lambda *a: freed.append(free_copies(*a)) or freed[-1])
+  lock = small_config(
+    chart,
+    data_dir,
+    [*SMALL[:-2], *GRPO_SMALL, "--config.grpo.engine=lock_step", "--config.roles.sampler_tensor=2"],
+  )
   pipeline.run(lock, str(tmp_path / "lock"))
   records = metrics.read_jsonl(tmp_path / "lock" / "grpo" / "metrics.jsonl")
   assert max(r["grpo/logprob_mismatch_max"] for r in records) < 1e-3
+  assert len(freed) == 2 and min(freed) > 0  # one rollout per step
+  monkeypatch.undo()
   engine = ["--config.grpo.decode_slots=4"]
   config = small_config(chart, data_dir, [*SMALL[:-2], *GRPO_SMALL, *engine])
   config.grpo.decode_steps = 8

@@ -520,6 +520,9 @@ def _loop(
   c = stage.config.grpo
   rl_cfg = trainer.rl_cfg
   sampler, update_sampler = samplers
+  placement = roles.Roles(stage.mesh, stage.sampler_mesh or stage.mesh)
+  # The sampler's own weight copy is dead during the update: free it where it takes trainer HBM.
+  free_sampler = not placement.colocated and roles.shares_devices(placement)
   host_prompts = c.prompts_per_step // jax.process_count()
   progress = metrics.ProgressLogger(c.steps, c.log_every, keys=("reward", "exec_rate", "loss"))
   progress.start(start)
@@ -542,6 +545,8 @@ def _loop(
             key=jax.random.fold_in(jax.random.key(stage.config.seed), done),
             first_row=jax.process_index() * len(examples) * c.group_size,
           )
+        if free_sampler:  # the next step's update_sampler hands it new ones
+          roles.free_copies(sampler.params, state.params)
         trajectories, keep_groups = _select(played.trajectories, rl_cfg, c, host_prompts)
         rewards = np.asarray([t.reward.total for t in trajectories], np.float32)
         lengths = np.asarray([t.num_policy_tokens for t in trajectories])

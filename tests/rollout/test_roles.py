@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rrvf_jax import roles, sharding
 from rrvf_jax.models import qwen_vl
@@ -103,3 +104,37 @@ def test_host_reshard_takes_a_trainer_mesh_in_torus_order(policy_dir, caplog):
   with caplog.at_level("WARNING"), jax.log_compiles():
     spread(leaves)
   assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_free_copies_deletes_only_the_samplers_own_buffers():
+  # Between rollouts the sampler's weight copy is freed (grpo._loop); the trainer's arrays, and any
+  # sampler leaf sharing their buffers, must survive.
+  trainer_mesh = sharding.make_mesh(1, 8, 1)
+  placement = roles.Roles(trainer_mesh, roles.local_mesh(jax.devices(), tensor=2))
+  assert not placement.colocated and roles.shares_devices(placement)
+  kernel = np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
+  on = lambda mesh, *spec: NamedSharding(mesh, PartitionSpec(*spec))
+  params = {
+    "kernel": jax.device_put(kernel, on(trainer_mesh, "fsdp", None)),
+    "bias": jax.device_put(np.ones(16, np.float32), on(trainer_mesh)),
+  }
+  targets = {"kernel": on(placement.sampler_mesh, None, "tensor"), "bias": on(trainer_mesh)}
+  moved = roles.transfer(params, placement, targets)
+  # A distinct array over the trainer's own buffers (what a reshard that changes nothing gives).
+  shared = jax.make_array_from_single_device_arrays(
+    (16,), params["bias"].sharding, [s.data for s in params["bias"].addressable_shards]
+  )
+  moved["bias"] = shared
+  freed = roles.free_copies(moved, params)
+  assert moved["kernel"].is_deleted() and freed == 8 * kernel.nbytes // 2  # 2 tensor shards x 4
+  assert not shared.is_deleted()
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  np.testing.assert_array_equal(np.asarray(params["kernel"]), kernel)
+  # Colocated: the sampler samples with the trainer's arrays themselves; nothing is freed.
+  colocated = roles.Roles(trainer_mesh, trainer_mesh)
+  same = roles.transfer(params, colocated, targets)
+  assert roles.free_copies(same, params) == 0
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  assert not roles.shares_devices(
+    roles.make_roles({"fsdp": -1}, sampler_devices=4, sampler_tensor=2)
+  )
