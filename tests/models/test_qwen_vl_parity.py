@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from rrvf_jax.models import qwen_vl  # noqa: E402
-from rrvf_jax.models.qwen_vl import rope  # noqa: E402
+from rrvf_jax.models.qwen_vl import rope, vision  # noqa: E402
 from rrvf_jax.testing import hf_reference as ref  # noqa: E402
 
 IMG, VS, VE = (
@@ -113,6 +113,29 @@ def test_vision_tower_matches_pooler_output(models):
   _assert_close(want, got)
 
 
+def test_vision_tower_in_flash_tiles_matches_pooler_output(models, monkeypatch):
+  # Large frames attend in flash tiles (vision.VISION_FLASH_MIN); lowered here so that the frames
+  # (320 and 60 patches, padded to 320) and the windows take tiles of 16.
+  monkeypatch.setattr(vision, "VISION_FLASH_MIN", 32)
+  monkeypatch.setattr(vision, "VISION_FLASH_BLOCKS", (16,))
+  calls = []
+  tiled = vision.flash.flash_attention
+  monkeypatch.setattr(
+    vision.flash, "flash_attention", lambda *a, **kw: calls.append(a[0].shape) or tiled(*a, **kw)
+  )
+  hf, ours = models
+  rng = np.random.default_rng(5)
+  grids = np.asarray([[1, 16, 20], [1, 6, 10]])
+  pv = _pixels(rng, grids)
+  with torch.no_grad():
+    want = hf.model.visual(
+      torch.from_numpy(pv), grid_thw=torch.from_numpy(grids)
+    ).pooler_output.numpy()
+  got = ours.visual(pv, rope.make_vision_index(grids, ours.config.vision))
+  assert (2, 320) in [shape[:2] for shape in calls]  # the full-attention frames took the tiles
+  _assert_close(want, got)
+
+
 def test_first_decoder_layer_matches(models):
   hf, ours = models
   rng = np.random.default_rng(5)
@@ -127,5 +150,5 @@ def test_first_decoder_layer_matches(models):
     want = layer(torch.from_numpy(x), attention_mask=causal, position_embeddings=rot)
     want = (want[0] if isinstance(want, tuple) else want).numpy()
   cos, sin = rope.mrope_cos_sin(pos, head_dim=16, theta=10000.0, mrope_section=(2, 3, 3))
-  mask = np.tril(np.ones((9, 9), bool))[None]
-  _assert_close(want, ours.text.layers[0](x, cos, sin, mask))
+  valid = np.ones((2, 9), np.int32)  # every token real: the layer's mask is the causal one
+  _assert_close(want, ours.text.layers[0](x, cos, sin, valid))

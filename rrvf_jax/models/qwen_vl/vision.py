@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rrvf_jax.models.qwen_vl import remat, rope
+from rrvf_jax.models.qwen_vl import flash, remat, rope
 from rrvf_jax.models.qwen_vl.config import VisionConfig
 from rrvf_jax.models.qwen_vl.layers import Dense, LayerNorm, RMSNorm, attention
 
@@ -36,6 +36,21 @@ def tanh_gelu(x: jax.Array) -> jax.Array:
 _MLP_ACTIVATION = {"qwen2_vl": quick_gelu, "qwen3_vl": tanh_gelu}
 
 
+# From this many slots per segment on, a segment's attention takes the flash tiles: the dense
+# `[G, N, S, S]` float32 scores of a 2304-patch frame are 340 MB per image and layer, and the
+# update and the sampler's encode run tens of images at once (compile_check, 3B GRPO micro-batch
+# on v6e-8: a dozen 1.9 GiB score buffers). Tiles are the largest of VISION_FLASH_BLOCKS dividing S.
+VISION_FLASH_MIN = 1024
+VISION_FLASH_BLOCKS = (512, 256, 128)
+
+
+def flash_block(length: int) -> int | None:
+  """The flash tile for segments of `length` slots, or None for the dense path."""
+  if length < VISION_FLASH_MIN:
+    return None
+  return next((b for b in VISION_FLASH_BLOCKS if length % b == 0), None)
+
+
 class VisionAttention(nnx.Module):
   """Bidirectional attention restricted to segments (windows or whole frames)."""
 
@@ -52,8 +67,14 @@ class VisionAttention(nnx.Module):
     q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(x_pd.dtype)
     k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(x_pd.dtype)
     # Attend inside each segment on a dense [G, S] grid: sum(S^2) work instead of P^2.
-    g = segments.gather
-    out_gsnh = attention(q[g], k[g], v[g], segments.valid[:, None, :], scale=self.scale)
+    g, mask = segments.gather, segments.valid[:, None, :]
+    block = flash_block(g.shape[1])
+    if block is None:
+      out_gsnh = attention(q[g], k[g], v[g], mask, scale=self.scale)
+    else:
+      out_gsnh = flash.flash_attention(
+        q[g], k[g], v[g], mask, scale=self.scale, block_q=block, block_k=block
+      )
     out = out_gsnh.reshape(-1, *out_gsnh.shape[2:])[segments.scatter]
     return self.proj(out)
 
