@@ -39,7 +39,7 @@ _MLP_ACTIVATION = {"qwen2_vl": quick_gelu, "qwen3_vl": tanh_gelu}
 # From this many slots per segment on, a segment's attention takes the flash tiles: the dense
 # `[G, N, S, S]` float32 scores of a 2304-patch frame are 340 MB per image and layer, and the
 # update and the sampler's encode run tens of images at once (compile_check, 3B GRPO micro-batch
-# on v6e-8: a dozen 1.9 GiB score buffers). Tiles are the largest of VISION_FLASH_BLOCKS dividing S.
+# on v6e-8: seven 1.9 GiB score buffers). Tiles are the largest of VISION_FLASH_BLOCKS dividing S.
 VISION_FLASH_MIN = 1024
 VISION_FLASH_BLOCKS = (512, 256, 128)
 
