@@ -100,17 +100,21 @@ def test_padded_batch_with_images_in_different_rows(models, side):
   _assert_close(ref.hf_logits(hf, ids, **kw), ours(ids, **kw), mask)
 
 
-def test_vision_tower_matches_pooler_output(models):
+def _vision_tower_outputs(models, seed):
+  """(transformers' pooler output, ours) for two frames of 16 x 20 and 6 x 10 patches."""
   hf, ours = models
-  rng = np.random.default_rng(4)
+  rng = np.random.default_rng(seed)
   grids = np.asarray([[1, 16, 20], [1, 6, 10]])
   pv = _pixels(rng, grids)
   with torch.no_grad():
     want = hf.model.visual(
       torch.from_numpy(pv), grid_thw=torch.from_numpy(grids)
     ).pooler_output.numpy()
-  got = ours.visual(pv, rope.make_vision_index(grids, ours.config.vision))
-  _assert_close(want, got)
+  return want, ours.visual(pv, rope.make_vision_index(grids, ours.config.vision))
+
+
+def test_vision_tower_matches_pooler_output(models):
+  _assert_close(*_vision_tower_outputs(models, 4))
 
 
 def test_vision_tower_in_flash_tiles_matches_pooler_output(models, monkeypatch):
@@ -123,15 +127,7 @@ def test_vision_tower_in_flash_tiles_matches_pooler_output(models, monkeypatch):
   monkeypatch.setattr(
     vision.flash, "flash_attention", lambda *a, **kw: calls.append(a[0].shape) or tiled(*a, **kw)
   )
-  hf, ours = models
-  rng = np.random.default_rng(5)
-  grids = np.asarray([[1, 16, 20], [1, 6, 10]])
-  pv = _pixels(rng, grids)
-  with torch.no_grad():
-    want = hf.model.visual(
-      torch.from_numpy(pv), grid_thw=torch.from_numpy(grids)
-    ).pooler_output.numpy()
-  got = ours.visual(pv, rope.make_vision_index(grids, ours.config.vision))
+  want, got = _vision_tower_outputs(models, 5)
   assert (2, 320) in [shape[:2] for shape in calls]  # the full-attention frames took the tiles
   _assert_close(want, got)
 
